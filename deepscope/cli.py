@@ -81,7 +81,7 @@ def analyze(
 
     parsed = parse_params(analysis, _json_arg(params, "--params"))
     kwargs = _json_arg(arch_kwargs, "--arch-kwargs")
-    from deepscope.models.loading import load_model
+    from deepscope.models.loading import code_models_allowed, load_model
     from deepscope.workers.pipeline import run_analysis
 
     loaded = load_model(
@@ -89,7 +89,7 @@ def analyze(
         arch=arch,
         arch_kwargs=kwargs or None,
         input_shape=_shape_arg(input_shape),
-        allow_code=allow_code or os.environ.get("DEEPSCOPE_ALLOW_CODE_MODELS") == "1",
+        allow_code=allow_code or code_models_allowed(),
     )
     result = run_analysis(
         loaded,
@@ -212,3 +212,89 @@ def main() -> None:
             raise
         typer.echo(f"deepscope: error: {error_message(exc)}", err=True)
         sys.exit(2)
+
+
+# --- the service: `deepscope api`, `deepscope worker`, `deepscope up` -------------------------
+
+
+@app.command()
+def api(
+    host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+) -> None:
+    """Serve the HTTP API (uvicorn). Needs Redis: DEEPSCOPE_REDIS_URL or a running `up`."""
+    import uvicorn
+
+    from deepscope.settings import Settings
+
+    Settings().resolved_redis_url()  # no Redis: one clear line now, not at the first request
+    uvicorn.run(
+        "deepscope.service.app:app_from_env",
+        factory=True,
+        host=host,
+        port=port,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+    )
+
+
+@app.command()
+def worker(
+    queues: Annotated[str, typer.Option(help="comma-separated: cpu, gpu")] = "cpu",
+    kind: Annotated[
+        str,
+        typer.Option(help="auto (gpu queues: in-process; else fork per job), fork or simple"),
+    ] = "auto",
+    name: Annotated[str | None, typer.Option(help="worker name (default: random)")] = None,
+    burst: Annotated[bool, typer.Option(help="exit when the queues are empty")] = False,
+) -> None:
+    """Run an RQ worker for analysis jobs (torch is imported once, before any job forks)."""
+    import logging
+
+    from deepscope.settings import Settings
+    from deepscope.workers.worker import WorkerKind, parse_queues, run_worker
+
+    try:
+        chosen = WorkerKind(kind)
+    except ValueError:
+        valid = ", ".join(k.value for k in WorkerKind)
+        raise ValueError(f"unknown worker kind {kind!r}; valid: {valid}") from None
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    run_worker(Settings(), parse_queues(queues), kind=chosen, name=name, burst=burst)
+    # The worker has deregistered; the interpreter's teardown of torch would take seconds
+    # more (a slow Ctrl-C), and there is nothing left to save.
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+@app.command()
+def up(
+    host: Annotated[str, typer.Option(help="interface of the API")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    workers: Annotated[int, typer.Option(min=1, help="cpu worker processes")] = 2,
+    gpu_workers: Annotated[
+        int | None, typer.Option(min=0, help="gpu worker processes (default: 1 if a GPU)")
+    ] = None,
+    demo: Annotated[
+        bool, typer.Option(help="on first start, train and register the demo models")
+    ] = True,
+    logs: Annotated[bool, typer.Option(help="show the children's logs here")] = False,
+) -> None:
+    """Run the whole stack here: Redis (embedded), workers and the API. Ctrl-C stops it."""
+    from deepscope.service.stack import Stack, StackOptions
+    from deepscope.settings import Settings
+
+    options = StackOptions(
+        host=host,
+        port=port,
+        workers=workers,
+        gpu_workers=gpu_workers,
+        demo=demo,
+        show_logs=logs,
+    )
+    code = Stack(Settings(), options, echo=typer.echo).run()
+    if code:
+        raise typer.Exit(code)

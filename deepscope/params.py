@@ -16,6 +16,7 @@ __all__ = [
     "DEFAULT_MAX_STEPS",
     "AnalysisKind",
     "AnalysisParams",
+    "InverseImagesParams",
     "ResidualsParams",
     "SignalSpaceParams",
     "parse_params",
@@ -30,17 +31,20 @@ class AnalysisKind(StrEnum):
 
     SIGNAL_SPACE = "signal_space"
     RESIDUALS = "residuals"
+    INVERSE_IMAGES = "inverse_images"
 
 
 class _Params(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+
+class _LayerParams(_Params):
     layers: list[str] | None = Field(
         default=None, description="weight layers to analyze, by module name; all when omitted"
     )
 
 
-class SignalSpaceParams(_Params):
+class SignalSpaceParams(_LayerParams):
     """``signal_space``: SVD of every Linear / Conv2d layer."""
 
     analysis: Literal[AnalysisKind.SIGNAL_SPACE] = AnalysisKind.SIGNAL_SPACE
@@ -56,7 +60,7 @@ class SignalSpaceParams(_Params):
     images: bool = Field(default=True, description="render per-layer PNGs (spectrum, vectors)")
 
 
-class ResidualsParams(_Params):
+class ResidualsParams(_LayerParams):
     """``residuals``: what each layer keeps (row space) and loses (null space)."""
 
     analysis: Literal[AnalysisKind.RESIDUALS] = AnalysisKind.RESIDUALS
@@ -69,23 +73,59 @@ class ResidualsParams(_Params):
     max_iter: int = Field(default=500, ge=1, le=10_000)
 
 
-AnalysisParams = Annotated[
-    SignalSpaceParams | ResidualsParams,
-    Field(discriminator="analysis"),
+class _Optimizing(_Params):
+    """Parameters shared by the analyses that optimize an input."""
+
+    steps: int = Field(default=200, ge=1, description="optimization steps (at most max_steps)")
+    lr: float = Field(default=0.05, gt=0, le=10)
+    seed: int = Field(default=0, ge=0)
+
+    @field_validator("steps")
+    @classmethod
+    def _at_most_max_steps(cls, value: int, info: ValidationInfo) -> int:
+        limit = (info.context or {}).get("max_steps", DEFAULT_MAX_STEPS)
+        if value > limit:
+            raise ValueError(f"steps must be at most {limit} (this deployment's limit)")
+        return value
+
+
+InverseMethod = Literal[
+    "avg", "min", "avg_min", "avg+training", "min+training", "avg_min+training", "pinv"
 ]
-_adapter: TypeAdapter[SignalSpaceParams | ResidualsParams] = TypeAdapter(AnalysisParams)
 
 
-def _check_steps(value: int, info: ValidationInfo) -> int:
-    limit = (info.context or {}).get("max_steps", DEFAULT_MAX_STEPS)
-    if value > limit:
-        raise ValueError(f"steps must be at most {limit} (this deployment's limit)")
-    return value
+class InverseImagesParams(_Optimizing):
+    """``inverse_images``: the paper's ideal input per class (inverse maps)."""
+
+    analysis: Literal[AnalysisKind.INVERSE_IMAGES] = AnalysisKind.INVERSE_IMAGES
+    methods: list[InverseMethod] | None = Field(
+        default=None,
+        min_length=1,
+        description="starts avg / min / avg_min, each optionally '+training' (refined by "
+        "optimizing MSE(model(x), target)), and pinv (exact inverse, invertible networks only); "
+        "all that apply when omitted",
+    )
+    target_mode: Literal["minmax", "percentile"] = Field(
+        default="minmax", description="target entries at each unit's min/max or 25th/75th pct."
+    )
+    lr: float = Field(default=0.01, gt=0, le=10)
+    optimizer: Literal["adam", "sgd"] = "adam"
+    fraction: float = Field(
+        default=0.25, gt=0, le=1, description="avg_min: share of closest images averaged"
+    )
+    max_samples: int = Field(
+        default=10_000, ge=10, le=1_000_000, description="training images scored (seeded subset)"
+    )
+
+
+_Union = SignalSpaceParams | ResidualsParams | InverseImagesParams
+AnalysisParams = Annotated[_Union, Field(discriminator="analysis")]
+_adapter: TypeAdapter[_Union] = TypeAdapter(AnalysisParams)
 
 
 def parse_params(
     analysis: str, params: dict[str, Any] | None = None, *, max_steps: int = DEFAULT_MAX_STEPS
-) -> SignalSpaceParams | ResidualsParams:
+) -> _Union:
     """Validate ``params`` for ``analysis``.
 
     Raises:
@@ -97,7 +137,3 @@ def parse_params(
         raise ValueError(f"unknown analysis {analysis!r}; valid analyses: {', '.join(valid)}")
     payload = {**(params or {}), "analysis": analysis}
     return _adapter.validate_python(payload, context={"max_steps": max_steps})
-
-
-# Re-exported for the optimization analyses' ``steps`` fields.
-steps_validator = field_validator("steps")(_check_steps)

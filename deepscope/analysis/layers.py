@@ -94,8 +94,15 @@ def _pair(
     if isinstance(value, str):
         if value == "valid":
             return (0, 0)
-        # "same" (stride 1 only in PyTorch): total padding d*(k-1), split low side first.
-        return (dilation[0] * (kernel[0] - 1) // 2, dilation[1] * (kernel[1] - 1) // 2)
+        # "same" (stride 1 only in PyTorch): total padding d*(k-1) on each axis. An odd total is
+        # split unevenly by PyTorch, which a (pad_h, pad_w) pair cannot describe: say so.
+        totals = (dilation[0] * (kernel[0] - 1), dilation[1] * (kernel[1] - 1))
+        if totals[0] % 2 or totals[1] % 2:
+            raise ValueError(
+                f"padding='same' with kernel {kernel} and dilation {tuple(dilation)} pads "
+                "asymmetrically, which deepscope does not model; use explicit padding"
+            )
+        return (totals[0] // 2, totals[1] // 2)
     if isinstance(value, int):
         return (value, value)
     return (int(value[0]), int(value[1]))

@@ -20,6 +20,13 @@ from pydantic import BaseModel
 from torch import Tensor
 
 from deepscope import __version__
+from deepscope.analysis.inverse import (
+    PINV,
+    VALID_METHODS,
+    TargetMode,
+    inverse_images,
+    invertible_chain,
+)
 from deepscope.analysis.layers import LayerKind, WeightLayer, select_layers
 from deepscope.analysis.residuals import per_row_residuals, residual_metrics, residuals
 from deepscope.analysis.signal_space import (
@@ -32,7 +39,12 @@ from deepscope.analysis.signal_space import (
 )
 from deepscope.models.datasets import Dataset, class_averages, class_indices, load_dataset
 from deepscope.models.loading import LoadedModel, layer_input_shapes
-from deepscope.params import AnalysisKind, ResidualsParams, SignalSpaceParams
+from deepscope.params import (
+    AnalysisKind,
+    InverseImagesParams,
+    ResidualsParams,
+    SignalSpaceParams,
+)
 from deepscope.workers import render
 
 __all__ = ["Artifact", "Progress", "resolve_device", "run_analysis"]
@@ -99,6 +111,21 @@ class _Context:
         std = torch.tensor(norm.std, dtype=images.dtype).view(1, -1, 1, 1)
         return (images - mean) / std
 
+    def denormalize(self, x: Tensor) -> Tensor:
+        """The model's input space → [0, 1] pixel space (the inverse of :meth:`normalize`)."""
+        norm = self.loaded.manifest.normalization
+        mean = torch.tensor(norm.mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        std = torch.tensor(norm.std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+        return x * std + mean
+
+    def add_array(
+        self, name: str, filename: str, arrays: dict[str, np.ndarray], description: str
+    ) -> None:
+        """Save arrays as an ``.npz`` artifact (for clients that want the numbers)."""
+        payload: dict[str, Any] = dict(arrays)  # numpy's stubs type **kwds as allow_pickle
+        np.savez_compressed(self.out_dir / filename, **payload)
+        self.artifacts.append(Artifact(name, filename, "application/x-npz", description))
+
     def add(self, name: str, path: Path, description: str = "") -> None:
         rel = path.relative_to(self.out_dir).as_posix()
         self.artifacts.append(Artifact(name, rel, "image/png", description))
@@ -112,6 +139,11 @@ def resolve_device(name: str | None = None) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ValueError("device 'cuda' requested but no CUDA device is available")
     return device
+
+
+def _np(t: Tensor) -> np.ndarray:
+    """A tensor on any device as a numpy array (for rendering and .npz files)."""
+    return t.detach().cpu().numpy()
 
 
 def _safe(name: str) -> str:
@@ -142,7 +174,7 @@ def _vector_images(
     else:
         shape = (layer.weight.shape[1], *layer.kernel_size)
     sigma, vh = top_singular_directions(layer_matrix(layer, view), k)
-    return (sigma[:, None] * vh).reshape(-1, *shape).numpy()
+    return _np((sigma[:, None] * vh).reshape(-1, *shape))
 
 
 def _weight_images(
@@ -153,10 +185,10 @@ def _weight_images(
     if layer.kind is LayerKind.LINEAR:
         if not first or layer.in_channels != math.prod(input_shape):
             return None
-        rows = w[:_MAX_WEIGHT_ROWS].reshape(-1, *input_shape).numpy()
+        rows = _np(w[:_MAX_WEIGHT_ROWS].reshape(-1, *input_shape))
         return rows, None, min(len(rows), 8)
     out_c, in_c = min(w.shape[0], _MAX_WEIGHT_ROWS), min(w.shape[1], _MAX_WEIGHT_ROWS)
-    kernels = w[:out_c, :in_c].reshape(out_c * in_c, *layer.kernel_size).numpy()
+    kernels = _np(w[:out_c, :in_c].reshape(out_c * in_c, *layer.kernel_size))
     return kernels, None, in_c
 
 
@@ -199,7 +231,7 @@ def _render_signal_space(
         cond = _json_float(stats.condition_number)
         cond_text = "∞" if cond is None else f"{cond:.3g}"
         path = render.spectrum_plot(
-            stats.singular_values.numpy(),
+            _np(stats.singular_values),
             out / f"spectrum_{stem}.png",
             title=f"{layer.name} ({view.value}, {spec.matrix_shape[0]}×{spec.matrix_shape[1]}): "
             f"rank {stats.rank}, cond {cond_text}",
@@ -236,7 +268,7 @@ def _render_signal_space(
         ctx.progress(0.5 + 0.45 * (i + 1) / len(layers), f"rendered {layer.name}")
     path = render.spectra_overview(
         [s.name for s in spectra],
-        [s.stats.singular_values.numpy() for s in spectra],
+        [_np(s.stats.singular_values) for s in spectra],
         [_json_float(s.stats.condition_number) for s in spectra],
         out / "spectra_overview.png",
         title=f"signal spaces ({view.value} view)",
@@ -286,8 +318,10 @@ def _run_residuals(ctx: _Context) -> dict[str, Any]:
     metrics_layers = [residual_metrics(r, input_names) for r in results]
     out = ctx.out_dir
     first = results[0]
-    x = first.inputs.double()
-    kept, lost = first.result.projection.double(), first.result.residual.double()
+    assert first.inputs is not None  # residuals() keeps inputs by default
+    x = first.inputs.detach().cpu().double()
+    kept = first.result.projection.detach().cpu().double()
+    lost = first.result.residual.detach().cpu().double()
     if x.ndim == 2 and x.shape[1] == math.prod(ctx.input_shape):  # a Linear first layer
         x, kept, lost = (t.reshape(-1, *ctx.input_shape) for t in (x, kept, lost))
     if x.ndim == 4:
@@ -298,7 +332,7 @@ def _run_residuals(ctx: _Context) -> dict[str, Any]:
         ):
             signed = key == "lost" or bool((tensor < 0).any())
             path = render.image_grid(
-                list(tensor.numpy()),
+                list(_np(tensor)),
                 out / f"residuals_{_safe(first.name)}_{key}.png",
                 titles=input_names,
                 signed=signed,
@@ -344,14 +378,83 @@ def _own_row_residuals(
         or max(labels) >= layer.out_channels
     ):
         return None
-    rows = per_row_residuals(layer.weight.double(), inputs.double())  # (B, out, in)
+    rows = per_row_residuals(layer.weight.cpu().double(), inputs.cpu().double())  # (B, out, in)
     own = rows[torch.arange(len(labels)), torch.tensor(labels)]
-    return own.reshape(-1, *input_shape).numpy()
+    return _np(own.reshape(-1, *input_shape))
+
+
+# --- inverse_images -----------------------------------------------------------------------
+
+
+def _subset(ds: Dataset, max_samples: int, seed: int) -> tuple[Tensor, Tensor]:
+    """At most ``max_samples`` training images and labels, a seeded random subset."""
+    if len(ds) <= max_samples:
+        return ds.images, ds.labels
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(len(ds), generator=g)[:max_samples]
+    return ds.images[idx], ds.labels[idx]
+
+
+def _run_inverse_images(ctx: _Context) -> dict[str, Any]:
+    params = ctx.params
+    assert isinstance(params, InverseImagesParams)
+    ds = ctx.require_dataset("inverse_images")
+    model = ctx.loaded.module
+    methods: list[str] = list(params.methods or [])
+    if not methods:
+        # Every method that applies: pinv only where the network is invertible.
+        methods = [m for m in VALID_METHODS if m != PINV or invertible_chain(model) is not None]
+    images, labels = _subset(ds, params.max_samples, params.seed)
+    torch.manual_seed(params.seed)
+    result = inverse_images(
+        model,
+        ctx.normalize(images),
+        labels,
+        methods=methods,
+        target_mode=TargetMode(params.target_mode),
+        steps=params.steps,
+        lr=params.lr,
+        optimizer=params.optimizer,
+        fraction=params.fraction,
+        progress=lambda f, loss: ctx.progress(0.9 * f, f"loss {loss:.4g}"),
+    )
+    names = ctx.class_names(ds.num_classes)
+    pixels = {m: ctx.denormalize(x).detach().cpu() for m, x in result.images.items()}
+    rows = [pixels[m] for m in methods]
+    stacked = _np(torch.cat(rows).double())
+    lo, hi = np.percentile(stacked, [0.5, 99.5])
+    path = render.image_grid(
+        list(stacked),
+        ctx.out_dir / "inverse_images.png",
+        titles=names,
+        row_labels=methods,
+        ncols=len(names),
+        vrange=(float(min(lo, 0.0)), float(max(hi, 1.0))),
+        title="ideal input of each class (rows: method, columns: class)",
+    )
+    ctx.add("inverse_images", path, "ideal inputs per class and method (paper's Figure 3)")
+    ctx.add_array(
+        "inverse_images_npz",
+        "inverse_images.npz",
+        {m.replace("+", "_"): _np(x) for m, x in pixels.items()},
+        "the images as arrays in [0, 1] pixel space, key = method ('+' as '_')",
+    )
+    metrics = [
+        {**m, "class_name": names[int(m["class"])]}  # type: ignore[call-overload]
+        for m in result.metrics
+    ]
+    return {
+        "methods": methods,
+        "target_mode": params.target_mode,
+        "targets_matrix": result.targets.tolist(),
+        "targets": metrics,
+    }
 
 
 _RUNNERS: dict[AnalysisKind, Callable[[_Context], dict[str, Any]]] = {
     AnalysisKind.SIGNAL_SPACE: _run_signal_space,
     AnalysisKind.RESIDUALS: _run_residuals,
+    AnalysisKind.INVERSE_IMAGES: _run_inverse_images,
 }
 
 

@@ -7,7 +7,7 @@ tensors once.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -161,7 +161,7 @@ def spectra_overview(
 
 def curves_plot(
     x_labels: Sequence[str],
-    curves: dict[str, Sequence[float]],
+    curves: Mapping[str, Sequence[float]],
     path: Path,
     *,
     title: str,

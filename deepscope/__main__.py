@@ -1,0 +1,5 @@
+"""``python -m deepscope`` is the ``deepscope`` command."""
+
+from deepscope.cli import main
+
+main()

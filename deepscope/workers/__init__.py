@@ -1,0 +1,1 @@
+"""Workers: RQ job functions and start-up; load model + data, call analysis, render, store."""
