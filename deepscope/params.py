@@ -14,9 +14,12 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationInfo, 
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
+    "ActivationMaximizationParams",
     "AnalysisKind",
     "AnalysisParams",
+    "CaricatureParams",
     "InverseImagesParams",
+    "InversionParams",
     "ResidualsParams",
     "SignalSpaceParams",
     "parse_params",
@@ -32,6 +35,9 @@ class AnalysisKind(StrEnum):
     SIGNAL_SPACE = "signal_space"
     RESIDUALS = "residuals"
     INVERSE_IMAGES = "inverse_images"
+    ACTIVATION_MAXIMIZATION = "activation_maximization"
+    CARICATURE = "caricature"
+    INVERSION = "inversion"
 
 
 class _Params(BaseModel):
@@ -118,7 +124,70 @@ class InverseImagesParams(_Optimizing):
     )
 
 
-_Union = SignalSpaceParams | ResidualsParams | InverseImagesParams
+class ActivationMaximizationParams(_Optimizing):
+    """``activation_maximization``: an image per class logit (or per channel of a layer)."""
+
+    analysis: Literal[AnalysisKind.ACTIVATION_MAXIMIZATION] = AnalysisKind.ACTIVATION_MAXIMIZATION
+    steps: int = Field(default=512, ge=1, description="Adam steps (Lucent's default 512)")
+    targets: list[Annotated[int, Field(ge=0)]] | None = Field(
+        default=None,
+        min_length=1,
+        max_length=1024,
+        description="classes or channels; all if omitted",
+    )
+    layer: str | None = Field(
+        default=None, description="maximize channels of this module; the logits when omitted"
+    )
+    param: Literal["fft", "pixel"] = "fft"
+    decorrelate: bool = True
+    alpha_weight: float = Field(default=4.0, ge=0, description="α-norm prior weight (α = 2)")
+    tv_weight: float = Field(default=0.02, ge=0, description="total variation weight (β = 2)")
+    batchnorm_weight: float | None = Field(
+        default=None, ge=0, description="DeepInversion BN prior; auto when the model has BN"
+    )
+
+
+class _FromImages(_Optimizing):
+    images: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=lambda: [0],
+        min_length=1,
+        max_length=16,
+        description="indices of the dataset's images to start from / reconstruct",
+    )
+    layers: list[str] = Field(min_length=1, max_length=16, description="module names")
+
+
+class CaricatureParams(_FromImages):
+    """``caricature``: DeepDream on named layers, starting from dataset images."""
+
+    analysis: Literal[AnalysisKind.CARICATURE] = AnalysisKind.CARICATURE
+    steps: int = Field(default=64, ge=1, description="steps per octave")
+    lr: float = Field(default=0.002, gt=0, le=10)
+    octaves: int = Field(default=3, ge=1, le=8)
+    octave_scale: float = Field(default=1.4, ge=1.0, le=3.0)
+    tv_weight: float = Field(default=0.05, ge=0)
+
+
+class InversionParams(_FromImages):
+    """``inversion``: reconstruct images from their representation at each named layer."""
+
+    analysis: Literal[AnalysisKind.INVERSION] = AnalysisKind.INVERSION
+    steps: int = Field(default=400, ge=1)
+    param: Literal["fft", "pixel"] = "pixel"
+    alpha: float = Field(default=6.0, ge=1, le=20, description="α-norm exponent (M&V: 6)")
+    alpha_weight: float = Field(default=1e-3, ge=0)
+    beta: float = Field(default=2.0, ge=1, le=4, description="TV exponent (M&V: 2)")
+    tv_weight: float = Field(default=5e-3, ge=0)
+
+
+_Union = (
+    SignalSpaceParams
+    | ResidualsParams
+    | InverseImagesParams
+    | ActivationMaximizationParams
+    | CaricatureParams
+    | InversionParams
+)
 AnalysisParams = Annotated[_Union, Field(discriminator="analysis")]
 _adapter: TypeAdapter[_Union] = TypeAdapter(AnalysisParams)
 

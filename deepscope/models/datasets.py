@@ -326,8 +326,33 @@ def _load_cached(kind: str, location: str, split: str, stamp: int) -> Dataset:
     if kind == "idx":
         images, labels, k = _load_idx_dir(path, split, fashion=False)
         return Dataset(path.name, images, labels, tuple(str(i) for i in range(k)))
+    if kind == "png":
+        return Dataset(path.stem, _load_png(path), torch.zeros(1, dtype=torch.int64), ("image",))
     images, labels, names = _load_npz(path, split)
     return Dataset(path.stem, images, labels, names)
+
+
+#: A PNG above this many pixels is refused before decoding (a decompression bomb).
+MAX_PNG_PIXELS = 4096 * 4096
+
+
+def _load_png(path: Path) -> Tensor:
+    """One PNG as (1, C, H, W) in [0, 1]: C = 1 for grayscale modes, 3 for color."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        opened = Image.open(path)
+    except UnidentifiedImageError:
+        raise ValueError(f"{path}: not a readable image") from None
+    with opened as img:
+        if img.format != "PNG":
+            raise ValueError(f"{path}: not a PNG file")
+        if img.width * img.height > MAX_PNG_PIXELS:
+            raise ValueError(f"{path}: {img.width}×{img.height} pixels is over the limit")
+        gray = img.mode in ("1", "L", "LA", "I", "I;16", "F")
+        arr = np.asarray(img.convert("L" if gray else "RGB"), dtype=np.float32) / 255.0
+    chw = arr[None] if arr.ndim == 2 else np.moveaxis(arr, -1, 0)
+    return torch.from_numpy(np.ascontiguousarray(chw))[None]
 
 
 def _stamp(path: Path) -> int:
@@ -355,7 +380,9 @@ def load_dataset(
       ``$DEEPSCOPE_FASHION_MNIST_DIR``, else ``/usr/share/datasets/fashion-mnist``;
     * an existing directory: MNIST-format idx files (``train-images-idx3-ubyte[.gz]``, ...);
     * an ``.npz`` file with ``images`` (N, H, W) or (N, C, H, W) and ``labels`` (N,), optional
-      ``class_names`` and ``images_test``/``labels_test`` (else the file serves both splits).
+      ``class_names`` and ``images_test``/``labels_test`` (else the file serves both splits);
+    * a ``.png`` file: one image (grayscale → 1 channel, color → 3), label 0, for caricatures
+      and inversions of a picture of one's own.
 
     ``ValueError`` with a one-line reason for anything else.
     """
@@ -373,13 +400,14 @@ def load_dataset(
         resolved = path.resolve()
         return _load_cached("idx", str(resolved), split, _stamp(resolved))
     if path.is_file():
-        if path.suffix != ".npz":
-            raise ValueError(f"{path}: dataset files must be .npz (or give an idx directory)")
+        kinds = {".npz": "npz", ".png": "png"}
+        if path.suffix.lower() not in kinds:
+            raise ValueError(f"{path}: dataset files must be .npz or .png (or an idx directory)")
         resolved = path.resolve()
-        return _load_cached("npz", str(resolved), split, _stamp(resolved))
+        return _load_cached(kinds[path.suffix.lower()], str(resolved), split, _stamp(resolved))
     raise ValueError(
         f"unknown dataset {name_or_path!r}: not a built-in ({', '.join(BUILTIN_DATASETS)}) "
-        "nor an existing .npz file or idx directory"
+        "nor an existing .npz or .png file or idx directory"
     )
 
 

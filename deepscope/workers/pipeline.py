@@ -28,6 +28,7 @@ from deepscope.analysis.inverse import (
     invertible_chain,
 )
 from deepscope.analysis.layers import LayerKind, WeightLayer, select_layers
+from deepscope.analysis.optimize import activation_maximization, caricature, inversion
 from deepscope.analysis.residuals import per_row_residuals, residual_metrics, residuals
 from deepscope.analysis.signal_space import (
     ConvView,
@@ -40,8 +41,11 @@ from deepscope.analysis.signal_space import (
 from deepscope.models.datasets import Dataset, class_averages, class_indices, load_dataset
 from deepscope.models.loading import LoadedModel, layer_input_shapes
 from deepscope.params import (
+    ActivationMaximizationParams,
     AnalysisKind,
+    CaricatureParams,
     InverseImagesParams,
+    InversionParams,
     ResidualsParams,
     SignalSpaceParams,
 )
@@ -451,10 +455,184 @@ def _run_inverse_images(ctx: _Context) -> dict[str, Any]:
     }
 
 
+# --- input optimization -------------------------------------------------------------------
+
+
+def _optimization_model(ctx: _Context, needs_layers: bool) -> torch.nn.Module:
+    """The model to optimize against, on the run's device; hookable when layers are named."""
+    model = ctx.loaded.hookable if needs_layers else ctx.loaded.module
+    if model is None:
+        raise ValueError(
+            "objectives on named layers need per-layer activations, which a TorchScript model "
+            "cannot expose; upload its weights (safetensors) or a torch.export .pt2 instead"
+        )
+    return model.to(ctx.device)
+
+
+def _normalization(ctx: _Context) -> tuple[list[float], list[float]]:
+    norm = ctx.loaded.manifest.normalization
+    return list(norm.mean), list(norm.std)
+
+
+def _source_images(ctx: _Context, analysis: str, indices: Sequence[int]) -> Tensor:
+    """(B, C, H, W) dataset images in [0, 1] at ``indices``; ValueError when out of range."""
+    ds = ctx.require_dataset(analysis)
+    bad = [i for i in indices if i >= len(ds)]
+    if bad:
+        raise ValueError(
+            f"image index {bad[0]} is out of range: dataset {ds.name!r} has {len(ds)} images"
+        )
+    return ds.images[list(indices)].to(ctx.device)
+
+
+def _progress(ctx: _Context) -> Callable[[float, float], None]:
+    return lambda f, objective: ctx.progress(0.9 * f, f"objective {objective:.4g}")
+
+
+def _save_images(ctx: _Context, stem: str, images: Tensor, description: str) -> None:
+    """The optimized images as an .npz in [0, 1] pixel space, for clients and predictions."""
+    ctx.add_array(f"{stem}_npz", f"{stem}.npz", {"images": _np(images)}, description)
+
+
+def _run_activation_maximization(ctx: _Context) -> dict[str, Any]:
+    params = ctx.params
+    assert isinstance(params, ActivationMaximizationParams)
+    model = _optimization_model(ctx, needs_layers=params.layer is not None)
+    result = activation_maximization(
+        model,
+        input_shape=ctx.input_shape,
+        targets=params.targets,
+        layer=params.layer,
+        normalization=_normalization(ctx),
+        steps=params.steps,
+        lr=params.lr,
+        param=params.param,
+        decorrelate=params.decorrelate,
+        alpha_weight=params.alpha_weight,
+        tv_weight=params.tv_weight,
+        batchnorm_weight=params.batchnorm_weight,
+        seed=params.seed,
+        progress=_progress(ctx),
+    )
+    ctx.warnings += result.warnings
+    num_classes = ctx.loaded.layers[-1].out_channels
+    names = ctx.class_names(num_classes)
+
+    def label(k: int) -> str:
+        return names[k] if params.layer is None and k < len(names) else str(k)
+
+    titles = [
+        f"{label(int(m['target']))} → {names[int(m['predicted_class'])]}" for m in result.metrics
+    ]
+    what = "class logit" if params.layer is None else f"channel of {params.layer}"
+    path = render.image_grid(
+        list(_np(result.images)),
+        ctx.out_dir / "activation_maximization.png",
+        titles=titles,
+        vrange=(0.0, 1.0),
+        colorbar=False,
+        title=f"images maximizing each {what} (title: target → predicted class)",
+    )
+    ctx.add("activation_maximization", path, f"one image per {what}")
+    _save_images(ctx, "activation_maximization", result.images, "optimized images, target order")
+    return {"layer": params.layer, "targets": result.metrics}
+
+
+def _rows_by_layer(
+    ctx: _Context, stem: str, source: Tensor, result: Any, layers: Sequence[str], title: str
+) -> None:
+    """A grid: the source images, then one row per layer (the analyses are layer-major)."""
+    b = source.shape[0]
+    images = torch.cat([source.detach().cpu(), result.images.detach().cpu()])
+    path = render.image_grid(
+        list(_np(images)),
+        ctx.out_dir / f"{stem}.png",
+        row_labels=["original", *layers],
+        ncols=b,
+        vrange=(0.0, 1.0),
+        colorbar=False,
+        title=title,
+    )
+    ctx.add(stem, path, title)
+    _save_images(ctx, stem, result.images, "layer-major: all images of the first layer first")
+
+
+def _by_dataset_index(
+    metrics: list[dict[str, Any]], indices: Sequence[int]
+) -> list[dict[str, Any]]:
+    """The analyses number images by batch position; users know them by dataset index."""
+    return [{**m, "image": indices[int(m["image"])]} for m in metrics]
+
+
+def _run_caricature(ctx: _Context) -> dict[str, Any]:
+    params = ctx.params
+    assert isinstance(params, CaricatureParams)
+    model = _optimization_model(ctx, needs_layers=True)
+    source = _source_images(ctx, "caricature", params.images)
+    result = caricature(
+        model,
+        source,
+        layers=params.layers,
+        normalization=_normalization(ctx),
+        octaves=params.octaves,
+        octave_scale=params.octave_scale,
+        steps=params.steps,
+        lr=params.lr,
+        tv_weight=params.tv_weight,
+        seed=params.seed,
+        progress=_progress(ctx),
+    )
+    ctx.warnings += result.warnings
+    _rows_by_layer(
+        ctx,
+        "caricature",
+        source,
+        result,
+        params.layers,
+        "caricatures: what each layer amplifies in the image (rows: layer)",
+    )
+    return {"images": params.images, "targets": _by_dataset_index(result.metrics, params.images)}
+
+
+def _run_inversion(ctx: _Context) -> dict[str, Any]:
+    params = ctx.params
+    assert isinstance(params, InversionParams)
+    model = _optimization_model(ctx, needs_layers=True)
+    source = _source_images(ctx, "inversion", params.images)
+    result = inversion(
+        model,
+        source,
+        layers=params.layers,
+        normalization=_normalization(ctx),
+        steps=params.steps,
+        lr=params.lr,
+        param=params.param,
+        alpha=params.alpha,
+        alpha_weight=params.alpha_weight,
+        beta=params.beta,
+        tv_weight=params.tv_weight,
+        seed=params.seed,
+        progress=_progress(ctx),
+    )
+    ctx.warnings += result.warnings
+    _rows_by_layer(
+        ctx,
+        "inversion",
+        source,
+        result,
+        params.layers,
+        "inversions: the image rebuilt from each layer's representation (rows: layer)",
+    )
+    return {"images": params.images, "targets": _by_dataset_index(result.metrics, params.images)}
+
+
 _RUNNERS: dict[AnalysisKind, Callable[[_Context], dict[str, Any]]] = {
     AnalysisKind.SIGNAL_SPACE: _run_signal_space,
     AnalysisKind.RESIDUALS: _run_residuals,
     AnalysisKind.INVERSE_IMAGES: _run_inverse_images,
+    AnalysisKind.ACTIVATION_MAXIMIZATION: _run_activation_maximization,
+    AnalysisKind.CARICATURE: _run_caricature,
+    AnalysisKind.INVERSION: _run_inversion,
 }
 
 

@@ -215,3 +215,119 @@ def test_bad_input_is_one_line(
         "--out",
         out,
     )
+
+
+def invoke_ok(capsys: pytest.CaptureFixture[str], *args: str | Path) -> dict[str, object]:
+    """``deepscope analyze ... --out DIR`` in-process; returns DIR/result.json."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(sys, "argv", ["deepscope", *map(str, args)])
+        with pytest.raises(SystemExit) as exc:
+            main()
+    assert exc.value.code in (0, None), capsys.readouterr().err
+    out = Path(str(args[args.index("--out") + 1]))
+    result: dict[str, object] = json.loads((out / "result.json").read_text())
+    for artifact in result["artifacts"]:  # type: ignore[attr-defined]
+        assert (out / artifact["url"]).stat().st_size > 0
+    return result
+
+
+def test_input_optimization_from_the_command_line(
+    trained: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    am = invoke_ok(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "activation_maximization",
+        "--params",
+        '{"steps": 64}',
+        "--out",
+        tmp_path / "am",
+        "-q",
+    )
+    targets = am["metrics"]["targets"]  # type: ignore[index]
+    assert [t["target"] for t in targets] == list(range(10))
+    assert all(t["final_objective"] > t["initial_objective"] for t in targets)
+    assert sum(t["predicted_class"] == t["target"] for t in targets) >= 8
+    with np.load(tmp_path / "am" / "activation_maximization.npz") as npz:
+        images = npz["images"]
+    assert images.shape == (10, 1, 28, 28)
+    assert images.min() >= 0.0
+    assert images.max() <= 1.0
+
+    inv = invoke_ok(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "inversion",
+        "--dataset",
+        "digits",
+        "--params",
+        '{"layers": ["flatten", "fc1"], "images": [0, 5], "steps": 60}',
+        "--out",
+        tmp_path / "inv",
+        "-q",
+    )
+    by_layer = {(t["target"], t["image"]): t for t in inv["metrics"]["targets"]}  # type: ignore[index]
+    assert set(by_layer) == {("flatten", 0), ("flatten", 5), ("fc1", 0), ("fc1", 5)}
+    # Flatten loses nothing, a 784→10 layer nearly everything: the picture tells depth apart.
+    for i in (0, 5):
+        assert by_layer[("flatten", i)]["image_error"] < 0.3
+        assert by_layer[("fc1", i)]["image_error"] > by_layer[("flatten", i)]["image_error"]
+
+    car = invoke_ok(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "caricature",
+        "--dataset",
+        "digits",
+        "--params",
+        '{"layers": ["fc1"], "steps": 16, "octaves": 2}',
+        "--out",
+        tmp_path / "car",
+        "-q",
+    )
+    (target,) = car["metrics"]["targets"]  # type: ignore[index]
+    assert target["final_objective"] > target["initial_objective"]
+
+    assert "image index 999999 is out of range" in invoke(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "inversion",
+        "--dataset",
+        "digits",
+        "--params",
+        '{"layers": ["fc1"], "images": [999999]}',
+        "--out",
+        tmp_path / "x",
+    )
+    assert "unknown layer(s) 'conv9'" in invoke(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "caricature",
+        "--dataset",
+        "digits",
+        "--params",
+        '{"layers": ["conv9"]}',
+        "--out",
+        tmp_path / "x",
+    )
+    assert "steps" in invoke(
+        capsys,
+        "analyze",
+        trained,
+        "--analysis",
+        "activation_maximization",
+        "--params",
+        '{"steps": 0}',
+        "--out",
+        tmp_path / "x",
+    )

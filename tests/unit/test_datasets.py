@@ -350,3 +350,23 @@ def test_channel_stats_digits() -> None:
     mean, std = channel_stats(ds)
     assert mean[0] == pytest.approx(float(ds.images.double().mean()), rel=1e-9)
     assert std[0] == pytest.approx(float(ds.images.double().std(correction=0)), rel=1e-9)
+
+
+def test_png_is_a_one_image_dataset(tmp_path: Path) -> None:
+    from PIL import Image
+
+    gray = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
+    Image.fromarray(gray, mode="L").save(tmp_path / "g.png")
+    ds = load_dataset(str(tmp_path / "g.png"))
+    assert ds.images.shape == (1, 1, 28, 28)
+    assert torch.allclose(ds.images[0, 0], torch.from_numpy(gray).float() / 255)
+    rgb = np.zeros((20, 30, 3), dtype=np.uint8)
+    rgb[..., 1] = 255
+    Image.fromarray(rgb, mode="RGB").save(tmp_path / "c.png")
+    ds = load_dataset(str(tmp_path / "c.png"))
+    assert ds.images.shape == (1, 3, 20, 30)
+    assert float(ds.images[0, 1].min()) == 1.0
+    assert float(ds.images[0, 0].max()) == 0.0
+    (tmp_path / "fake.png").write_bytes(b"GIF89a not a png")
+    with pytest.raises(ValueError, match="fake.png"):
+        load_dataset(str(tmp_path / "fake.png"))
