@@ -247,10 +247,10 @@ def _render_signal_space(
             path = render.image_grid(
                 list(vectors),
                 out / f"singular_vectors_{stem}.png",
-                titles=[f"σ{j + 1}·v{j + 1}" for j in range(len(vectors))],
                 ncols=min(len(vectors), 8),
                 signed=True,
-                title=f"{layer.name}: right singular vectors scaled by σ ({view.value} view)",
+                title=f"{layer.name}: σᵢ·vᵢ, i = 1…{len(vectors)} left to right, top to bottom "
+                f"({view.value} view)",
             )
             ctx.add(f"singular_vectors_{stem}", path, f"σᵢ·vᵢ of {layer.name}")
         weights = _weight_images(layer, ctx.input_shape, first)

@@ -1,0 +1,273 @@
+"""The worker classes and what keeps jobs from being lost when processes die.
+
+* :class:`ForkingWorker` (cpu workers): RQ's forking ``Worker``, where each job's process (the
+  work horse) gets a memory limit (``RLIMIT_AS``: the address space at the fork plus
+  ``job_memory_mb``, so a job that asks for too much gets a ``MemoryError`` instead of the
+  kernel's OOM killer), dies with its worker (``PR_SET_PDEATHSIG``: no orphan keeps writing
+  after the worker was killed), and is killed by the worker when it runs past its time limit
+  by more than a few seconds (RQ's own limit is an exception raised in Python, which a job
+  stuck in native code never sees). A horse that died without reporting is settled at once:
+  retried while ``job_retries`` allow, else failed with "worker died" (or "timed out").
+* :class:`InProcessWorker` (gpu workers): runs jobs in its own process so that models stay
+  loaded on the device, except jobs on code-bearing models (``.pt2``, TorchScript), which get
+  a forked process with the same limits, on the CPU.
+* :class:`Supervisor`: a thread in every worker process that writes the worker's heartbeat and,
+  once its own heartbeats have been getting through for ``worker_dead_after_s``, settles the
+  jobs of workers that stopped beating (:func:`deepscope.store.recovery.reap`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import logging
+import os
+import resource
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+from redis.exceptions import RedisError
+from rq import Queue, Worker
+from rq.executions import Execution
+from rq.job import Job
+from rq.utils import now
+from rq.worker import SimpleWorker
+
+from deepscope.manifest import ModelFormat
+from deepscope.settings import Settings
+from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, connect
+from deepscope.store.records import Records
+from deepscope.store.recovery import Death, beat, forget, reap, recover_rq_job
+
+__all__ = [
+    "CODE_FORMATS",
+    "ForkingWorker",
+    "InProcessWorker",
+    "Supervisor",
+    "die_with_parent",
+    "limit_memory",
+]
+
+log = logging.getLogger("deepscope.worker")
+
+#: Formats whose loading runs code from the file.
+CODE_FORMATS = frozenset({ModelFormat.PT2, ModelFormat.TORCHSCRIPT})
+#: Seconds past a job's time limit after which its worker kills its process.
+KILL_GRACE_S = 5
+#: How often (seconds) a forking worker looks at its job's process (RQ's default is 30).
+_MONITOR_INTERVAL_S = 5
+#: How often RQ's own registry maintenance runs (its default is 10 minutes).
+_MAINTENANCE_INTERVAL_S = 30
+_PR_SET_PDEATHSIG = 1
+
+
+def _address_space() -> int:
+    """Bytes of virtual address space this process has mapped (Linux ``/proc``)."""
+    with open("/proc/self/statm") as f:
+        pages = int(f.read().split()[0])
+    return pages * os.sysconf("SC_PAGE_SIZE")
+
+
+def limit_memory(extra_bytes: int) -> int | None:
+    """Cap this process's address space at what it maps now plus ``extra_bytes``
+    (``RLIMIT_AS``); allocations past it fail (``MemoryError``, torch's "not enough memory")
+    instead of waking the OOM killer. → the limit in bytes, None when not applied."""
+    if extra_bytes <= 0:
+        return None
+    try:
+        base = _address_space()
+    except (OSError, ValueError):
+        return None
+    _soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    limit = base + extra_bytes
+    if hard != resource.RLIM_INFINITY:
+        limit = min(limit, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (limit, hard))
+    return limit
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process when its parent dies (Linux); exit at once when the
+    parent is already gone."""
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL("libc.so.6", use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+    if os.getppid() != parent_pid:
+        os._exit(1)
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+class ForkingWorker(Worker):
+    """RQ's forking worker with per-job limits and settlement of jobs whose process died."""
+
+    def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
+        kwargs.setdefault("job_monitoring_interval", _MONITOR_INTERVAL_S)
+        kwargs.setdefault("maintenance_interval", _MAINTENANCE_INTERVAL_S)
+        super().__init__(*args, **kwargs)
+        self.deepscope_settings = settings if settings is not None else Settings()
+        self._parent_pid = os.getpid()
+        self._horse_death: tuple[int | None, Any] | None = None
+        self._timed_out: set[str] = set()
+
+    # --- in the job's process -------------------------------------------------------------
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        die_with_parent(self._parent_pid)
+        limit_memory(self.deepscope_settings.job_memory_bytes())
+        super().main_work_horse(job, queue)
+
+    # --- in the worker --------------------------------------------------------------------
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        self._parent_pid = os.getpid()
+        self._horse_death = None
+        super().execute_job(job, queue)
+
+    def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
+        super().maintain_heartbeats(job, execution)
+        timeout = job.timeout
+        if not self.horse_pid or timeout is None or timeout <= 0 or job.started_at is None:
+            return
+        running = (now() - job.started_at).total_seconds()
+        if running > timeout + KILL_GRACE_S and job.id not in self._timed_out:
+            self.log.warning(
+                "Worker %s: job %s ran %.0f s, past its limit of %d s: killing its process",
+                self.name,
+                job.id,
+                running,
+                timeout,
+            )
+            self._timed_out.add(job.id)
+            self.kill_horse()
+
+    def handle_work_horse_killed(
+        self, job: Job, retpid: int | None, ret_val: int | None, rusage: Any
+    ) -> None:
+        self._horse_death = (ret_val, rusage)
+        super().handle_work_horse_killed(job, retpid, ret_val, rusage)  # type: ignore[no-untyped-call]
+
+    def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
+        super().monitor_work_horse(job, queue, execution)
+        timed_out = job.id in self._timed_out
+        self._timed_out.discard(job.id)
+        if self._horse_death is None and not timed_out:
+            return
+        ret_val, rusage = self._horse_death or (None, None)
+        self._horse_death = None
+        if timed_out:
+            death = Death("it ran past its time limit", timed_out_after=int(job.timeout or 0))
+        else:
+            if ret_val is not None and os.WIFSIGNALED(ret_val):
+                how = f"killed by {_signal_name(os.WTERMSIG(ret_val))}"
+            elif ret_val is not None and os.WIFEXITED(ret_val):
+                how = f"exited with code {os.WEXITSTATUS(ret_val)}"
+            else:
+                how = "lost"
+            used = getattr(rusage, "ru_maxrss", 0) or 0
+            memory = f" after using {used // 1024} MiB" if used else ""
+            death = Death(f"the job's process was {how}{memory}")
+        try:
+            recover_rq_job(self.connection, self.deepscope_settings, job, death)
+        except Exception:  # settling is best effort: the reaper and the API try again
+            self.log.exception("Worker %s: could not settle job %s", self.name, job.id)
+
+
+class InProcessWorker(ForkingWorker):
+    """Runs jobs in its own process (models stay loaded on the device), except jobs on
+    code-bearing models, which get a forked, limited process on the CPU."""
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        if self._isolate(job):
+            super().execute_job(job, queue)
+            return
+        # SimpleWorker's way: in this process.
+        SimpleWorker.execute_job(self, job, queue)  # type: ignore[arg-type]
+
+    def _isolate(self, job: Job) -> bool:
+        try:
+            records = Records(self.connection)
+            args = list(job.args or [])
+            if not args or not isinstance(args[0], str):
+                return False
+            if job.func_name in (RUN_JOB, PREDICT):
+                rec = records.get_job(args[0])
+                model = records.get_model(rec.model_id) if rec is not None else None
+            elif job.func_name == VALIDATE_MODEL:
+                model = records.get_model(args[0])
+            else:
+                return False
+        except (RedisError, ValueError):
+            return True  # when in doubt, the safe way
+        return model is not None and model.format in CODE_FORMATS
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        if self.horse_pid:
+            return super().get_heartbeat_ttl(job, working_time)
+        return SimpleWorker.get_heartbeat_ttl(self, job, working_time)  # type: ignore[arg-type]
+
+    def kill_horse(self, sig: signal.Signals = signal.SIGKILL) -> None:
+        # Without a horse, RQ's kill would signal this process's own group.
+        if self.horse_pid:
+            super().kill_horse(sig)
+
+    def main_work_horse(self, job: Job, queue: Queue) -> None:
+        from deepscope.workers import jobs
+
+        # A forked child must not touch a CUDA context it inherited.
+        jobs.configure(device="cpu", model_cache=0)
+        super().main_work_horse(job, queue)
+
+
+class Supervisor:
+    """The heartbeat and reaper thread of one worker process."""
+
+    def __init__(self, settings: Settings, worker_name: str) -> None:
+        self.settings = settings
+        self.worker_name = worker_name
+        self.redis = connect(settings.resolved_redis_url(), retry_for_s=1.0)
+        self.interval = max(1.0, settings.worker_dead_after_s / 5)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deepscope-supervisor", daemon=True)
+
+    def start(self) -> None:
+        beat(self.redis, self.worker_name)  # known before the first job
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        with contextlib.suppress(RedisError):
+            forget(self.redis, self.worker_name)
+
+    def _run(self) -> None:
+        streak_since: float | None = time.monotonic()
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                beat(self.redis, self.worker_name)
+                if streak_since is None:
+                    streak_since = time.monotonic()
+                failing = False
+                # After an outage every worker looks silent until its next beat: judge others
+                # only once this one has been getting through for a whole dead-after period.
+                if time.monotonic() - streak_since >= self.settings.worker_dead_after_s:
+                    settled = reap(self.redis, self.settings)
+                    if settled:
+                        log.warning("settled %d job(s) of dead workers: %s", len(settled), settled)
+            except RedisError as exc:
+                streak_since = None
+                if not failing:
+                    log.warning("heartbeat: Redis unreachable (%s); retrying", exc)
+                failing = True
+            except Exception:
+                log.exception("heartbeat: unexpected error")

@@ -1,0 +1,157 @@
+"""Worker processes: ``deepscope worker [--queues cpu,gpu]``.
+
+* CPU workers fork a work horse per job (RQ's ``Worker``), so a hostile or broken model can
+  only take down that job. Torch, the analyses and the registry are imported *before* the
+  first fork, so each horse starts warm; the parent warms up single-threaded only, because
+  GNU OpenMP does not survive a fork after it ran a parallel region (the child hangs).
+* GPU workers (any worker listening on ``gpu``) run jobs in-process (RQ's ``SimpleWorker``):
+  one long-lived process owns the device and keeps recently used models on it (LRU by
+  sha256). The parent never touches CUDA before that; the device is chosen at job time.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import tempfile
+import time
+from collections.abc import Sequence
+from enum import StrEnum
+from pathlib import Path
+
+from redis.exceptions import RedisError
+from rq.exceptions import StopRequested
+from rq.serializers import JSONSerializer
+
+from deepscope.settings import Settings
+from deepscope.store.queues import WORKER_TTL, QueueName, connect
+from deepscope.store.records import Records
+from deepscope.store.recovery import forget
+from deepscope.workers.supervision import ForkingWorker, InProcessWorker, Supervisor
+
+__all__ = ["WorkerKind", "parse_queues", "preload", "run_worker"]
+
+log = logging.getLogger("deepscope.worker")
+
+
+class WorkerKind(StrEnum):
+    AUTO = "auto"
+    FORK = "fork"
+    SIMPLE = "simple"
+
+
+def parse_queues(text: str) -> list[str]:
+    """``"cpu,gpu"`` → ``["cpu", "gpu"]``; ValueError for unknown names."""
+    valid = [q.value for q in QueueName]
+    names = [q.strip() for q in text.split(",") if q.strip()]
+    bad = [q for q in names if q not in valid]
+    if not names or bad:
+        raise ValueError(f"unknown queue {', '.join(bad) or '(none)'}; valid: {', '.join(valid)}")
+    return list(dict.fromkeys(names))
+
+
+def preload() -> list[str]:
+    """Import everything a job needs and warm it up, single-threaded. → architecture names."""
+    import numpy as np
+    import torch
+
+    import deepscope.workers.jobs  # noqa: F401  (the job functions, the pipeline, analyses)
+    from deepscope.models.datasets import load_dataset
+    from deepscope.models.registry import get_model, list_models
+    from deepscope.workers import render
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        names = list_models()
+        # Lazy kernels and the built-in digits (cached) are paid once here, not per job.
+        model = get_model("fcnn1", num_classes=10)
+        with torch.no_grad():
+            model(torch.zeros(2, 1, 28, 28))
+        torch.linalg.svdvals(torch.randn(8, 8, dtype=torch.float64))
+        load_dataset("digits", "train")
+        with tempfile.TemporaryDirectory() as tmp:
+            # Fonts and the Agg backend load on the first drawing.
+            render.spectrum_plot(np.array([1.0, 0.5]), Path(tmp) / "warm.png", title="warm-up")
+    finally:
+        torch.set_num_threads(threads)
+    return names
+
+
+def _stopping(worker: ForkingWorker) -> bool:
+    """Was the worker asked to stop (SIGTERM/SIGINT), rather than left by an error?"""
+    return bool(worker._stop_requested or worker._shutdown_requested_date is not None)
+
+
+def run_worker(
+    settings: Settings,
+    queues: Sequence[str],
+    *,
+    kind: WorkerKind = WorkerKind.AUTO,
+    name: str | None = None,
+    burst: bool = False,
+) -> bool:
+    """Serve ``queues`` until stopped (SIGTERM/SIGINT: finish the current job, then exit).
+
+    Returns whether any job ran (for ``burst``).
+    """
+    from deepscope.workers import jobs
+
+    if kind is WorkerKind.AUTO:
+        kind = WorkerKind.SIMPLE if QueueName.GPU.value in queues else WorkerKind.FORK
+    redis = connect(settings.resolved_redis_url())
+    names = preload()
+    Records(redis).set_archs(names)
+    if kind is WorkerKind.SIMPLE:
+        jobs.configure(device="auto", model_cache=settings.gpu_model_cache)
+        worker_class: type[ForkingWorker] = InProcessWorker
+    else:
+        jobs.configure(device="cpu", model_cache=0)
+        worker_class = ForkingWorker
+    worked = False
+    supervisor: Supervisor | None = None
+    base_name = name
+    try:
+        for restart in itertools.count():
+            worker = worker_class(
+                list(queues),
+                connection=redis,
+                serializer=JSONSerializer,
+                worker_ttl=WORKER_TTL,
+                name=name,
+                settings=settings,
+            )
+            if supervisor is None:
+                supervisor = Supervisor(settings, worker.name)
+                supervisor.start()
+            elif supervisor.worker_name != worker.name:
+                forget(supervisor.redis, supervisor.worker_name)
+                supervisor.worker_name = worker.name
+            log.info(
+                "deepscope worker %s (pid %d, %s) on queues %s",
+                worker.name,
+                os.getpid(),
+                kind.value,
+                ",".join(queues),
+            )
+            try:
+                worked |= bool(worker.work(burst=burst, logging_level="INFO", with_scheduler=False))
+            except RedisError as exc:
+                log.warning("worker %s lost Redis (%s)", worker.name, exc)
+            # RQ's loop ends on a stop request, or on an error it does not handle (Redis gone
+            # for longer than the client's retries): then serve again rather than exit.
+            if burst or _stopping(worker):
+                return worked
+            try:
+                time.sleep(1.0)
+            except StopRequested:  # SIGTERM meanwhile, through RQ's handler
+                return worked
+            if _stopping(worker):
+                return worked
+            name = f"{base_name or worker.name}.{restart + 1}"
+            log.warning("worker %s stopped on an error; serving again as %s", worker.name, name)
+    finally:
+        if supervisor is not None:
+            supervisor.stop()
+    return worked
