@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench demo-figures clean
+.PHONY: install run test lint typecheck unit bench reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/deepscope demo --out out/demo
+	$(BIN)/deepscope up
 
 lint: $(STAMP)
 	$(BIN)/ruff check deepscope tests bench
@@ -29,6 +29,10 @@ unit: $(STAMP)
 	$(BIN)/pytest -q
 
 test: lint typecheck unit
+
+# Faults, load and fuzzing against the real stack (minutes): run before calling hardening done.
+reliability: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/pytest -m reliability -s tests/integration/test_reliability.py
 
 bench: $(STAMP)
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

@@ -7,11 +7,13 @@ stderr and exit code 2; set ``DEEPSCOPE_DEBUG=1`` for the traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -298,3 +300,374 @@ def up(
     code = Stack(Settings(), options, echo=typer.echo).run()
     if code:
         raise typer.Exit(code)
+
+
+# --- the service from a terminal or a CI job: submit, wait, predict, check, report ------------
+# Built on the SDK (deepscope.client, no torch). The server is --url / DEEPSCOPE_URL (default
+# http://127.0.0.1:8000), the key --key / DEEPSCOPE_API_KEY (default: the development key that
+# `deepscope up` keeps in $DEEPSCOPE_DATA_DIR/dev-api-key). Results go to stdout (a job id, a
+# table), progress and notes to stderr. Exit codes: 0 ok; 1 a job failed or a gate failed; 2 an
+# error (unreachable server, unknown id, bad input).
+
+if TYPE_CHECKING:  # the SDK is imported by the commands that use it (fast --help)
+    from deepscope.client import Client, JobOut
+
+UrlOption = Annotated[
+    str | None,
+    typer.Option(
+        "--url", envvar="DEEPSCOPE_URL", help="the service [default: http://127.0.0.1:8000]"
+    ),
+]
+KeyOption = Annotated[
+    str | None,
+    typer.Option(
+        "--key",
+        envvar="DEEPSCOPE_API_KEY",
+        help="API key [default: the dev key in $DEEPSCOPE_DATA_DIR/dev-api-key]",
+        show_default=False,
+    ),
+]
+
+
+def _client(url: str | None, key: str | None, timeout: float = 120.0) -> Client:
+    """A ``deepscope.client.Client`` for the resolved URL and key."""
+    from deepscope.client import Client, resolve_credentials
+
+    resolved_url, resolved_key = resolve_credentials(url, key)
+    return Client(resolved_url, resolved_key, timeout=timeout)
+
+
+@contextlib.contextmanager
+def _service_errors() -> Iterator[None]:
+    """A DeepscopeError becomes a one-line user error (exit code 2)."""
+    from deepscope.client import DeepscopeError
+
+    try:
+        yield
+    except DeepscopeError as exc:
+        raise ValueError(str(exc)) from None
+
+
+def _note(text: str) -> None:
+    typer.echo(text, err=True)
+
+
+def _summary(job: JobOut) -> list[str]:
+    """A few lines on what a finished job found."""
+    lines: list[str] = []
+    result = job.result
+    if result is None:
+        return lines
+    metrics = result.metrics
+    for layer in metrics.get("layers", []) if isinstance(metrics.get("layers"), list) else []:
+        if "condition_number" in layer:
+            cond = layer["condition_number"]
+            cond_text = "∞" if cond is None else f"{cond:.4g}"
+            lines.append(
+                f"  {layer['name']:24s} rank {layer['rank']:>5}  condition number {cond_text:>10}"
+                f"  stable rank {layer['stable_rank']:.3g}"
+            )
+        elif layer.get("classes"):
+            lost = [c["lost_fraction"] for c in layer["classes"]]
+            lines.append(
+                f"  {layer['name']:24s} lost fraction mean {sum(lost) / len(lost):.3f}, "
+                f"max {max(lost):.3f}"
+            )
+    if result.predictions is not None:
+        images = result.predictions.images
+        lines.append(f"  {len(images)} generated images predicted by the model (result.json)")
+    lines.append(f"  {len(result.artifacts)} artifacts")
+    return lines
+
+
+def _finish_job(client: Client, job: JobOut, out: Path | None, quiet: bool) -> None:
+    """Print the outcome of a finished job, download it to ``out``; exit 1 unless it
+    succeeded."""
+    from deepscope.client import JobStatus
+
+    if job.status is not JobStatus.SUCCEEDED:
+        reason = f" ({job.error.type}): {job.error.message}" if job.error else ""
+        _note(f"job {job.id} {job.status.value}{reason}")
+        raise typer.Exit(1)
+    if not quiet:
+        took = ""
+        if job.cached:
+            took = " (from the cache)"
+        elif job.started_at and job.finished_at:
+            took = f" in {(job.finished_at - job.started_at).total_seconds():.2f} s"
+        _note(f"job {job.id} ({job.analysis}) succeeded{took}")
+        for line in _summary(job):
+            _note(line)
+    if out is not None:
+        files = client.download_artifacts(job, out)
+        _note(f"wrote {len(files)} files to {out}")
+    if not quiet:
+        _note(f"report: {client.report_url(job)}")
+
+
+@app.command()
+def submit(
+    model: Annotated[
+        str, typer.Argument(help="a model file to upload first, or the id of an uploaded model")
+    ],
+    analysis: Annotated[str, typer.Option(help="signal_space, residuals, inverse_images, ...")],
+    params: Annotated[str | None, typer.Option(help="analysis parameters as JSON")] = None,
+    dataset: Annotated[
+        str | None, typer.Option(help="digits, fashion-mnist or an uploaded dataset's id")
+    ] = None,
+    arch: Annotated[str | None, typer.Option(help="upload: registered architecture")] = None,
+    arch_kwargs: Annotated[str | None, typer.Option(help="upload: arch kwargs (JSON)")] = None,
+    input_shape: Annotated[str | None, typer.Option(help="upload: C,H,W")] = None,
+    manifest: Annotated[
+        Path | None, typer.Option(help="upload: manifest JSON [default: MODEL.json beside it]")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="upload: the model's name")] = None,
+    wait: Annotated[bool, typer.Option("--wait", help="wait for the job, with progress")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="download result.json and artifacts here (implies --wait)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for the job")] = 3600.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    url: UrlOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Submit an analysis to the service; print the job id. A file is uploaded (and validated)
+    first."""
+    from deepscope.client import ModelStatus
+
+    parsed = _json_arg(params, "--params")
+    with _service_errors(), _client(url, key) as client:
+        path = Path(model)
+        if path.is_file():
+            kwargs = _json_arg(arch_kwargs, "--arch-kwargs")
+            uploaded = client.upload_model(
+                path,
+                manifest,
+                arch=arch,
+                arch_kwargs=kwargs or None,
+                input_shape=_shape_arg(input_shape),
+                name=name,
+                wait=True,
+            )
+            if uploaded.status is not ModelStatus.READY:
+                raise ValueError(f"model {uploaded.id} is invalid: {uploaded.error}")
+            if not quiet:
+                _note(
+                    f"uploaded {path.name}: model {uploaded.id} ready "
+                    f"({len(uploaded.layers)} layers, {uploaded.num_parameters} parameters)"
+                )
+            model_id = uploaded.id
+        elif len(model) == 32 and all(c in "0123456789abcdef" for c in model):
+            model_id = model
+        else:
+            raise ValueError(f"{model!r} is neither a model file nor a model id")
+        job = client.submit(model_id, analysis, parsed or None, dataset)
+        typer.echo(job.id)
+        if wait or out is not None:
+            job = client.wait(job, progress=not quiet, timeout=timeout, raise_on_failure=False)
+            _finish_job(client, job, out, quiet)
+        elif not quiet and job.cached:
+            _note("answered from the cache (succeeded)")
+
+
+@app.command("wait")
+def wait_job(
+    job: Annotated[str, typer.Argument(help="the job id")],
+    out: Annotated[Path | None, typer.Option(help="download result.json and artifacts")] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait")] = 3600.0,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
+    url: UrlOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Wait for a job with a progress bar; exit 1 unless it succeeded."""
+    with _service_errors(), _client(url, key) as client:
+        done = client.wait(job, progress=not quiet, timeout=timeout, raise_on_failure=False)
+        _finish_job(client, done, out, quiet)
+
+
+@app.command("predict")
+def predict_images(
+    model: Annotated[str, typer.Argument(help="the model id")],
+    images: Annotated[list[Path], typer.Argument(help="PNG files, or one .npz with 'images'")],
+    top_k: Annotated[int, typer.Option(min=1, help="classes per image")] = 3,
+    as_json: Annotated[bool, typer.Option("--json", help="print the predictions as JSON")] = False,
+    url: UrlOption = None,
+    key: KeyOption = None,
+) -> None:
+    """What the model says about each image: its top classes and their probabilities."""
+    with _service_errors(), _client(url, key) as client:
+        predictions = client.predict(model, images, top_k=top_k)
+    if as_json:
+        body = [p.model_dump(mode="json", by_alias=True) for p in predictions]
+        typer.echo(json.dumps(body, indent=2))
+        return
+    labels = [p.name for p in images] if len(images) == len(predictions) else None
+    for i, pred in enumerate(predictions):
+        label = labels[i] if labels else f"{images[0].name}[{i}]"
+        top = "  ".join(f"{t.class_} {t.probability:.1%}" for t in pred.top_k)
+        typer.echo(f"{label}\t{top}")
+
+
+def _metrics(job: JobOut) -> dict[str, Any]:
+    return job.result.metrics if job.result is not None else {}
+
+
+def _gate_condition(
+    jobs: list[JobOut], limit: float, layers: set[str] | None
+) -> tuple[list[str], list[str]]:
+    """Failures of ``condition number ≤ limit`` (∞ fails), or why it cannot be checked."""
+    failures, seen = [], []
+    for job in jobs:
+        for layer in _metrics(job).get("layers", []):
+            if "condition_number" not in layer or (layers and layer["name"] not in layers):
+                continue
+            cond = layer["condition_number"]
+            seen.append((cond, layer["name"]))
+            if cond is None or cond > limit:
+                shown = "∞" if cond is None else f"{cond:.4g}"
+                where = f"layer {layer['name']} (job {job.id[:8]})"
+                failures.append(f"{where}: condition number {shown} > {limit:g}")
+    if not seen:
+        return ["no condition numbers in these jobs (run a signal_space job)"], []
+    finite = [(c, n) for c, n in seen if c is not None]
+    worst = f"largest {max(finite)[0]:.4g} at {max(finite)[1]}" if finite else "all ∞"
+    return failures, [f"{len(seen)} layers, {worst}"]
+
+
+def _gate_lost(jobs: list[JobOut], limit: float, layers: set[str] | None) -> list[str]:
+    failures, seen = [], 0
+    for job in jobs:
+        for layer in _metrics(job).get("layers", []):
+            classes = layer.get("classes") or []
+            if not classes or "lost_fraction" not in classes[0]:
+                continue
+            if layers and layer["name"] not in layers:
+                continue
+            seen += 1
+            worst = max(classes, key=lambda c: c["lost_fraction"])
+            if worst["lost_fraction"] > limit:
+                over = sum(1 for c in classes if c["lost_fraction"] > limit)
+                failures.append(
+                    f"layer {layer['name']} (job {job.id[:8]}): lost fraction "
+                    f"{worst['lost_fraction']:.4g} > {limit:g} for class {worst['class']} "
+                    f"({over} of {len(classes)} inputs over)"
+                )
+    if not seen:
+        return ["no lost fractions in these jobs (run a residuals job)"]
+    return failures
+
+
+def _gate_accuracy(client: Client, jobs: list[JobOut], limit: float) -> tuple[list[str], list[str]]:
+    """(failures, what was checked). The share of generated inputs (inverse images, ...) the
+    model puts in their intended class; for a job without any, the model's held-out accuracy
+    recorded in its manifest."""
+    failures, checked = [], []
+    for job in jobs:
+        targets = [
+            t
+            for t in _metrics(job).get("targets", [])
+            if isinstance(t, dict) and "class" in t and "predicted_class" in t
+        ]
+        if targets:
+            groups: dict[str, list[bool]] = {}
+            for t in targets:
+                hit = str(t["predicted_class"]) == str(t["class"])
+                groups.setdefault(str(t.get("method", job.analysis)), []).append(hit)
+            for method, hits in groups.items():
+                share = sum(hits) / len(hits)
+                what = f"{method} inputs of job {job.id[:8]} recognized as their class"
+                checked.append(f"{what}: {share:.1%}")
+                if share < limit:
+                    failures.append(f"{what}: {share:.1%} < {limit:.1%}")
+            continue
+        model = client.get_model(job.model_id)
+        if model.training is None:
+            failures.append(
+                f"job {job.id[:8]}: no generated inputs and no recorded accuracy for model "
+                f"{model.id[:8]} (its manifest has no training.accuracy)"
+            )
+            continue
+        acc = model.training.accuracy
+        what = f"model {model.name} held-out accuracy on {model.training.dataset} (manifest)"
+        checked.append(f"{what}: {acc:.1%}")
+        if acc < limit:
+            failures.append(f"{what}: {acc:.1%} < {limit:.1%}")
+    return failures, checked
+
+
+@app.command()
+def check(
+    jobs: Annotated[list[str], typer.Argument(help="job ids (waited for when unfinished)")],
+    max_condition_number: Annotated[
+        float | None, typer.Option(help="every layer's condition number at most this")
+    ] = None,
+    max_lost_fraction: Annotated[
+        float | None, typer.Option(help="every layer's lost fraction, for every input, at most")
+    ] = None,
+    min_accuracy: Annotated[
+        float | None,
+        typer.Option(
+            help="0..1: generated inputs recognized as their class; else the model's held-out "
+            "accuracy from its manifest"
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None, typer.Option(help="comma-separated layer names to gate (default: all)")
+    ] = None,
+    timeout: Annotated[float, typer.Option(help="seconds to wait for unfinished jobs")] = 3600.0,
+    url: UrlOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Quality gates for CI: exit 1 (naming each layer that fails) when a gate fails."""
+    from deepscope.client import JobStatus
+
+    if max_condition_number is None and max_lost_fraction is None and min_accuracy is None:
+        raise ValueError(
+            "no gate given: use --max-condition-number, --max-lost-fraction or --min-accuracy"
+        )
+    chosen = {n.strip() for n in layers.split(",") if n.strip()} if layers else None
+    failed = False
+    with _service_errors(), _client(url, key) as client:
+        done = []
+        for job_id in jobs:
+            job = client.wait(job_id, progress=False, timeout=timeout, raise_on_failure=False)
+            if job.status is not JobStatus.SUCCEEDED:
+                reason = f": {job.error.message}" if job.error else ""
+                typer.echo(f"FAIL job {job.id} {job.status.value}{reason}")
+                failed = True
+            else:
+                done.append(job)
+        gates: list[tuple[str, list[str], list[str]]] = []
+        if max_condition_number is not None:
+            fails, checked = _gate_condition(done, max_condition_number, chosen)
+            gates.append((f"condition number ≤ {max_condition_number:g}", fails, checked))
+        if max_lost_fraction is not None:
+            fails = _gate_lost(done, max_lost_fraction, chosen)
+            gates.append((f"lost fraction ≤ {max_lost_fraction:g}", fails, []))
+        if min_accuracy is not None:
+            fails, checked = _gate_accuracy(client, done, min_accuracy)
+            gates.append((f"accuracy ≥ {min_accuracy:g}", fails, checked))
+    for title, fails, checked in gates:
+        if fails:
+            failed = True
+            for line in fails:
+                typer.echo(f"FAIL {title}: {line}")
+        else:
+            details = f" ({'; '.join(checked)})" if checked else ""
+            typer.echo(f"ok   {title}{details}")
+    if failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    job: Annotated[
+        str | None, typer.Argument(help="a job id; none: the index of models and jobs")
+    ] = None,
+    ttl: Annotated[int, typer.Option(min=60, max=86400, help="seconds the link lives")] = 3600,
+    url: UrlOption = None,
+    key: KeyOption = None,
+) -> None:
+    """Print a signed, read-only link to a job's report page (or the index) for a browser."""
+    with _service_errors(), _client(url, key) as client:
+        typer.echo(client.report_url(job, ttl=ttl))

@@ -2,7 +2,7 @@
 # The README's real run, reproducible: train the paper's networks with the CLI, analyze them with
 # the CLI, and copy the pictures the README shows into docs/img. Weights stay in out/ (ignored).
 # Usage: docs/real-run.sh            (about 5 minutes on 2 CPU cores; topdown on Fashion-MNIST
-#        adds ~20 minutes with FULL=1)
+#        and ResNet18 on Fashion-MNIST add ~40 minutes with FULL=1)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ds=.venv/bin/deepscope
@@ -20,7 +20,7 @@ train fcnn1 fashion-mnist paper 5
 train fcnn5 fashion-mnist paper 5
 train resnet18_gray digits fast 10
 train topdown digits fast 15
-if [ "${FULL:-0}" = 1 ]; then train topdown fashion-mnist fast 5; fi
+if [ "${FULL:-0}" = 1 ]; then train topdown fashion-mnist fast 5; train resnet18_gray fashion-mnist fast 2; fi
 
 analyze() {  # model analysis [params]
   local out="$runs/$1/$2"
@@ -31,6 +31,25 @@ for m in fcnn1-digits fcnn5-digits fcnn1-fashion-mnist fcnn5-fashion-mnist resne
   analyze "$m" signal_space
   analyze "$m" residuals '{"max_iter": 100}'
 done
+
+# Issue 3: inverse maps and input optimization on the trained networks.
+for m in fcnn1-digits fcnn5-digits resnet18_gray-digits topdown-digits fcnn5-fashion-mnist; do
+  analyze "$m" inverse_images
+  analyze "$m" activation_maximization
+done
+analyze resnet18_gray-digits caricature '{"layers": ["layer1.1.conv2", "layer3.0.conv1"], "images": [0, 1, 2, 3]}'
+analyze resnet18_gray-digits inversion '{"layers": ["conv1", "layer2.1.conv2", "layer4.1.conv2"], "images": [0, 1, 2, 3]}'
+analyze topdown-digits inversion '{"layers": ["stage1.conv1", "stage2.conv2", "stage3.conv2"], "images": [0, 1, 2, 3]}'
+
+cp "$runs/fcnn1-digits/inverse_images/inverse_images.png" docs/img/fcnn1-digits-inverse.png
+cp "$runs/fcnn5-digits/inverse_images/inverse_images.png" docs/img/fcnn5-digits-inverse.png
+cp "$runs/resnet18_gray-digits/inverse_images/inverse_images.png" docs/img/resnet18-digits-inverse.png
+cp "$runs/fcnn5-digits/activation_maximization/activation_maximization.png" docs/img/fcnn5-digits-actmax.png
+cp "$runs/resnet18_gray-digits/activation_maximization/activation_maximization.png" docs/img/resnet18-digits-actmax.png
+cp "$runs/fcnn5-fashion-mnist/activation_maximization/activation_maximization.png" docs/img/fcnn5-fashion-actmax.png
+cp "$runs/resnet18_gray-digits/caricature/caricature.png" docs/img/resnet18-digits-caricature.png
+cp "$runs/resnet18_gray-digits/inversion/inversion.png" docs/img/resnet18-digits-inversion.png
+cp "$runs/topdown-digits/inversion/inversion.png" docs/img/topdown-digits-inversion.png
 
 cp "$runs/fcnn1-digits/signal_space/weights_fc1.png" docs/img/fcnn1-digits-weights.png
 cp "$runs/fcnn1-digits/signal_space/singular_vectors_fc1.png" docs/img/fcnn1-digits-singular-vectors.png
@@ -47,6 +66,8 @@ models, runs = Path(sys.argv[1]), Path(sys.argv[2])
 print("| model | dataset | held-out accuracy | condition numbers (kernels view) |")
 print("|---|---|---|---|")
 for run in sorted(runs.iterdir()):
+    if not (run / "signal_space" / "result.json").exists():
+        continue
     manifest = json.loads((models / f"{run.name}.json").read_text())
     layers = json.loads((run / "signal_space" / "result.json").read_text())["metrics"]["layers"]
     shown = layers if len(layers) <= 5 else [l for l in layers if l["name"] in ("conv1", "layer1.0.conv1", "layer4.1.conv2", "fc", "stage1.conv1", "stage3.conv2", "head")]

@@ -4,9 +4,14 @@
   only take down that job. Torch, the analyses and the registry are imported *before* the
   first fork, so each horse starts warm; the parent warms up single-threaded only, because
   GNU OpenMP does not survive a fork after it ran a parallel region (the child hangs).
-* GPU workers (any worker listening on ``gpu``) run jobs in-process (RQ's ``SimpleWorker``):
-  one long-lived process owns the device and keeps recently used models on it (LRU by
-  sha256). The parent never touches CUDA before that; the device is chosen at job time.
+* GPU workers (any worker listening on ``gpu``) run jobs in-process (like RQ's
+  ``SimpleWorker``): one long-lived process owns the device and keeps recently used models on
+  it (LRU by sha256). The parent never touches CUDA before that; the device is chosen at job
+  time. Jobs on code-bearing models still get a forked, limited process of their own.
+* Every job process has a memory and a time limit, every worker a heartbeat; a job whose
+  process or worker died is retried or failed, never left ``running``
+  (:mod:`deepscope.workers.supervision`, :mod:`deepscope.store.recovery`). A worker whose RQ
+  loop ends on an error (Redis gone longer than the client's retries) serves again.
 """
 
 from __future__ import annotations

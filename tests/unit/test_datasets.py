@@ -368,5 +368,5 @@ def test_png_is_a_one_image_dataset(tmp_path: Path) -> None:
     assert float(ds.images[0, 1].min()) == 1.0
     assert float(ds.images[0, 0].max()) == 0.0
     (tmp_path / "fake.png").write_bytes(b"GIF89a not a png")
-    with pytest.raises(ValueError, match="fake.png"):
+    with pytest.raises(ValueError, match=r"fake\.png"):
         load_dataset(str(tmp_path / "fake.png"))

@@ -1,0 +1,353 @@
+"""The service's overhead over HTTP, against a real ``deepscope up`` started here.
+
+Measured (medians of several repeats after a warm-up), each printed against the floor measured
+in the same run, on the same Redis, with the same worker processes:
+
+* latency submit → succeeded, polled over HTTP every 2 ms:
+  - a trivial job answered from the result cache;
+  - ``signal_space`` on ``fcnn1`` with ``images: false`` (the metrics a CI gate reads; the
+    computation is microseconds, so this is the service's own cost);
+  - ``signal_space`` on ``fcnn1`` with its pictures (default parameters), also against the
+    floor plus the job's own compute time (the ``duration_s`` the worker reports);
+  floor: raw RQ, a no-op job (``builtins.len``) enqueued on the ``cpu`` queue and run by the
+  stack's own (forking) worker, enqueue → finished (blocking read of RQ's result stream).
+* throughput: submissions per second from 16 concurrent clients (threads, one httpx client
+  each, keep-alive, loopback), each submission a new computation (distinct parameters: cache
+  miss, record, enqueue), for a bounded count and time; floor: raw RQ enqueue rate of no-op
+  jobs from 16 threads with the same options. The workers are paused (SIGSTOP) during both,
+  so that they do not compete for the CPU with what is measured.
+
+Targets (issue 4): latency ≤ 2× the floor; throughput ≥ 0.5× the raw enqueue rate.
+
+Run: ``.venv/bin/python bench/bench_service.py`` (about a minute; loopback only).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import httpx
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.serializers import JSONSerializer
+
+from deepscope.client import Client
+from deepscope.service.stack import free_port
+
+_POLL_S = 0.002
+_CLIENTS = 16
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def _cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+@contextmanager
+def stack(workers: int) -> Iterator[tuple[str, str, Redis, dict[int, str]]]:
+    """``deepscope up --no-demo`` in a temporary data directory → (url, key, redis, its
+    children's command lines by pid); stopped with Ctrl-C (SIGINT) at the end."""
+    with tempfile.TemporaryDirectory(prefix="deepscope-bench-") as data:
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPSCOPE_")}
+        env |= {"DEEPSCOPE_DATA_DIR": data, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, "-m", "deepscope", "up", "--no-demo", "--port", str(port)]
+        cmd += ["--workers", str(workers), "--gpu-workers", "0"]
+        proc = subprocess.Popen(
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
+        assert proc.stdout is not None
+        banner: list[str] = []
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                line = proc.stdout.readline()
+                if not line:
+                    raise RuntimeError("deepscope up exited:\n" + "".join(banner))
+                banner.append(line)
+                if line.startswith("Ctrl-C"):
+                    break
+            found = re.search(r"API key:\s+(\S+)", "".join(banner))
+            assert found is not None, banner
+            redis_url = (Path(data) / "run" / "redis.url").read_text().strip()
+            redis = Redis.from_url(redis_url)
+            url = f"http://127.0.0.1:{port}"
+            with httpx.Client(base_url=url) as http:
+                while http.get("/readyz").json()["workers"].get("cpu", 0) < workers:
+                    time.sleep(0.1)
+            children = {p: _cmdline(p) for p in _children(proc.pid)}
+            yield url, found.group(1), redis, children
+        finally:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def median_ms(samples: list[float]) -> float:
+    return statistics.median(samples) * 1000
+
+
+def _noop_latency(redis: Redis, repeats: int) -> list[float]:
+    """Raw RQ: enqueue a no-op on the stack's cpu queue → its result (blocking stream read)."""
+    queue = Queue("cpu", connection=redis, serializer=JSONSerializer)
+    out = []
+    for i in range(repeats):
+        start = time.perf_counter()
+        job = queue.enqueue_call(
+            "builtins.len", args=("x",), timeout=60, result_ttl=60, failure_ttl=60,
+            description=f"bench no-op {i}",
+        )  # fmt: skip
+        result = Job.fetch(job.id, connection=redis, serializer=JSONSerializer).latest_result(
+            timeout=30
+        )
+        out.append(time.perf_counter() - start)
+        assert result is not None and result.return_value == 1, result
+    return out
+
+
+def _http_latency(client: Client, submit: Callable[[], str]) -> float:
+    """Submit over HTTP, poll GET /v1/jobs/{id} every 2 ms until it succeeded → seconds."""
+    http = client._http
+    start = time.perf_counter()
+    job_id = submit()
+    while True:
+        body = http.get(f"/v1/jobs/{job_id}").json()
+        if body["status"] == "succeeded":
+            return time.perf_counter() - start
+        if body["status"] in ("failed", "canceled"):
+            raise RuntimeError(body)
+        time.sleep(_POLL_S)
+
+
+def _cpu_s(pid: int | None = None) -> float:
+    """CPU seconds (user + system) of a process; this one by default."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Rate:
+    """Operations per second of ``work(thread, i)`` from 16 threads (at most ``total``
+    operations or ``seconds``), and the CPU each operation cost here and in ``server``."""
+
+    def __init__(
+        self, work: Callable[[int, int], Any], total: int, seconds: float, server: int
+    ) -> None:
+        counter = iter(range(total))
+        lock = threading.Lock()
+        done = [0] * _CLIENTS
+        gate = threading.Barrier(_CLIENTS + 1)
+        deadline = time.perf_counter() + seconds + 1.0
+
+        def loop(t: int) -> None:
+            gate.wait()
+            while time.perf_counter() < deadline:
+                with lock:
+                    i = next(counter, None)
+                if i is None:
+                    return
+                work(t, i)
+                done[t] += 1
+
+        threads = [threading.Thread(target=loop, args=(t,)) for t in range(_CLIENTS)]
+        for th in threads:
+            th.start()
+        time.sleep(1.0)  # the deadline counts from here
+        cpu0, server0, start = _cpu_s(), _cpu_s(server), time.perf_counter()
+        gate.wait()
+        for th in threads:
+            th.join()
+        elapsed = time.perf_counter() - start
+        self.count = sum(done)
+        self.per_s = self.count / elapsed
+        self.client_ms = 1000 * (_cpu_s() - cpu0) / max(1, self.count)
+        self.server_ms = 1000 * (_cpu_s(server) - server0) / max(1, self.count)
+
+
+def _signal(pids: list[int], sig: signal.Signals) -> None:
+    for pid in pids:
+        for p in (pid, *_children(pid)):
+            with suppress(ProcessLookupError):
+                os.kill(p, sig)
+
+
+def train_fcnn1(out: Path) -> Path:
+    from deepscope.models.training import Recipe, train_model
+
+    path = out / "fcnn1.safetensors"
+    train_model("fcnn1", "digits", path, epochs=2, recipe=Recipe.FAST, seed=0)
+    return path
+
+
+def verdict(ratio: float, target: float, higher_is_better: bool) -> str:
+    ok = ratio >= target if higher_is_better else ratio <= target
+    return "meets" if ok else "MISSES"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--workers", type=int, default=1, help="cpu workers of the stack")
+    parser.add_argument("--seconds", type=float, default=4.0, help="per throughput measurement")
+    parser.add_argument("--max-submissions", type=int, default=40000)
+    args = parser.parse_args()
+    repeats = args.repeats
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = train_fcnn1(Path(tmp))
+        with stack(args.workers) as (url, key, redis, children):
+            print(f"deepscope up at {url}: {args.workers} cpu worker(s)")
+            worker_pids = [p for p, cmd in children.items() if " worker " in cmd]
+            (api_pid,) = [p for p, cmd in children.items() if " api " in cmd]
+            (redis_pid,) = [p for p, cmd in children.items() if "redis-server" in cmd]
+            with Client(url, key, timeout=60) as client:
+                model = client.upload_model(weights, wait=True)
+                assert model.status.value == "ready", model.error
+                http = client._http
+
+                def submit(params: dict[str, Any], analysis: str = "signal_space") -> str:
+                    body = {"model_id": model.id, "analysis": analysis, "params": params}
+                    resp = http.post("/v1/jobs", json=body)
+                    assert resp.status_code == 202, resp.text
+                    return str(resp.json()["id"])
+
+                # Warm-up: the first forks, the first model load, the cache entry.
+                _noop_latency(redis, 3)
+                cached_params = {"vectors": 1, "images": False}
+                client.wait(submit(cached_params), progress=False)
+                for i in range(3):
+                    client.wait(submit({"vectors": 200 + i, "images": False}), progress=False)
+                    client.wait(submit({"vectors": 220 + i}), progress=False)
+
+                # Interleaved, so that a change in the machine's load hits floor and
+                # measurements alike.
+                floor: list[float] = []
+                cached: list[float] = []
+                metrics_only: list[float] = []
+                pictures: list[float] = []
+                pictures_ids: list[str] = []
+
+                def with_pictures(i: int) -> str:
+                    pictures_ids.append(submit({"vectors": 100 + i}))
+                    return pictures_ids[-1]
+
+                for i in range(repeats):
+                    floor += _noop_latency(redis, 1)
+                    cached.append(_http_latency(client, partial(submit, cached_params)))
+                    fresh = {"vectors": 2 + i, "images": False}
+                    metrics_only.append(_http_latency(client, partial(submit, fresh)))
+                    pictures.append(_http_latency(client, partial(with_pictures, i)))
+                    floor += _noop_latency(redis, 1)
+                compute = [
+                    float(client.get_job(j).result.duration_s)  # type: ignore[union-attr]
+                    for j in pictures_ids
+                ]
+
+                # Throughput: workers paused, so they do not compete for the CPU.
+                _signal(worker_pids, signal.SIGSTOP)
+                try:
+                    clients = [
+                        httpx.Client(
+                            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+                        )
+                        for _ in range(_CLIENTS)
+                    ]
+                    queue = Queue("cpu", connection=redis, serializer=JSONSerializer)
+
+                    def raw_enqueue(t: int, i: int) -> None:
+                        queue.enqueue_call(
+                            "builtins.len", args=("x",), timeout=3600, result_ttl=604800,
+                            failure_ttl=2592000, description=f"bench enqueue {i}",
+                        )  # fmt: skip
+
+                    def http_submit(t: int, i: int) -> None:
+                        # A distinct rtol: a new cache key, so every submission is enqueued.
+                        body = {
+                            "model_id": model.id,
+                            "analysis": "residuals",
+                            "params": {"rtol": 1e-5 * (1 + i * 1e-7)},
+                        }
+                        resp = clients[t].post("/v1/jobs", json=body)
+                        assert resp.status_code == 202 and resp.json()["status"] == "queued"
+
+                    def http_cached(t: int, i: int) -> None:
+                        body = {"model_id": model.id, "analysis": "signal_space"}
+                        resp = clients[t].post("/v1/jobs", json=body | {"params": cached_params})
+                        assert resp.status_code == 202 and resp.json()["cached"]
+
+                    limit, secs = args.max_submissions, args.seconds
+                    Rate(http_submit, 200, secs, api_pid)  # warm-up: connections, threads
+                    new = Rate(http_submit, limit, secs, api_pid)
+                    hits = Rate(http_cached, limit, secs, api_pid)
+                    raw = Rate(raw_enqueue, limit, secs, redis_pid)
+                    raw2 = Rate(raw_enqueue, limit, secs, redis_pid)
+                    for c in clients:
+                        c.close()
+                finally:
+                    _signal(worker_pids, signal.SIGCONT)
+
+    floor_ms = median_ms(floor)
+    compute_ms = statistics.median(compute) * 1000
+    print()
+    print(f"floor: raw RQ no-op enqueue→finished, forking worker: {floor_ms:8.1f} ms (median)")
+    rows = [
+        ("cached job (result cache)", median_ms(cached), floor_ms),
+        ("signal_space fcnn1, metrics only", median_ms(metrics_only), floor_ms),
+        ("signal_space fcnn1, with pictures", median_ms(pictures), floor_ms),
+        ("  … against floor + its compute", median_ms(pictures), floor_ms + compute_ms),
+    ]
+    print(f"\n{'latency submit→succeeded (HTTP)':36s} {'median':>9s} {'floor':>9s} {'ratio':>7s}"
+          "  target ≤ 2×")  # fmt: skip
+    for name, value, base in rows:
+        ratio = value / base
+        print(
+            f"{name:36s} {value:7.1f}ms {base:7.1f}ms {ratio:6.2f}×  {verdict(ratio, 2.0, False)}"
+        )
+    print(f"  (signal_space with pictures: the worker reports {compute_ms:.0f} ms of compute)")
+    best = raw if raw.per_s >= raw2.per_s else raw2
+    print(f"\n{'submissions/s, 16 clients':36s} {'rate':>9s} {'floor':>9s} {'ratio':>7s}"
+          "  target ≥ 0.5×   CPU ms/op: bench client, server")  # fmt: skip
+    print(f"{'raw RQ enqueue (floor)':36s} {best.per_s:7.0f}/s {'':9s} {'':7s} {'':15s} "
+          f"{best.client_ms:5.2f}, redis {best.server_ms:.2f}"
+          f"   (runs {raw.per_s:.0f}/s, {raw2.per_s:.0f}/s)")  # fmt: skip
+    for name, r in (("POST /v1/jobs, new computation", new), ("POST /v1/jobs, cached", hits)):
+        ratio = r.per_s / best.per_s
+        print(f"{name:36s} {r.per_s:7.0f}/s {best.per_s:7.0f}/s {ratio:6.2f}×  "
+              f"{verdict(ratio, 0.5, True):6s} {'':8s} {r.client_ms:5.2f}, api {r.server_ms:.2f}"
+              f"   ({r.count} submissions)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""The HTTP API (FastAPI). Never imports torch: models are loaded only by workers."""

@@ -1,0 +1,137 @@
+"""``/v1/datasets``: upload an ``.npz`` (checked with numpy here), list, get, delete.
+
+The built-ins (``digits``, ``fashion-mnist``) are listed for every tenant and used by name.
+"""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, HTTPException, Request, Response
+from fastapi.concurrency import run_in_threadpool
+
+from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found
+from deepscope.service.npz import inspect_npz
+from deepscope.service.schemas import DatasetList, DatasetOut, dataset_out
+from deepscope.service.uploads import multipart_body, parse_multipart
+from deepscope.store.records import BUILTIN_DATASETS, DatasetRecord, new_id
+from deepscope.store.storage import UploadSink
+
+__all__ = ["builtin_datasets", "router"]
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
+
+_FASHION = (
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+)
+
+
+def builtin_datasets() -> list[DatasetOut]:
+    out = []
+    for name, (n, shape, k) in BUILTIN_DATASETS.items():
+        names = [str(i) for i in range(k)] if name == "digits" else list(_FASHION)
+        out.append(
+            DatasetOut(
+                id=name,
+                name=name,
+                builtin=True,
+                num_samples=n,
+                input_shape=list(shape),
+                num_classes=k,
+                class_names=names,
+            )
+        )
+    return out
+
+
+def _store(state: ServiceState, tenant: str, name: str | None, path_sink: UploadSink) -> DatasetOut:
+    try:
+        info = inspect_npz(path_sink.path, max_bytes=8 * state.settings.max_upload_bytes)
+    except ValueError as exc:
+        raise HTTPException(422, f"{path_sink.filename or 'file'}: {exc}") from None
+    size = path_sink.size
+    sha = state.backend.storage.put_blob(path_sink)
+    rec = DatasetRecord(
+        id=new_id(),
+        tenant=tenant,
+        name=name or (path_sink.filename or "dataset").removesuffix(".npz"),
+        sha256=sha,
+        size_bytes=size,
+        num_samples=info.num_samples,
+        input_shape=list(info.input_shape),
+        num_classes=info.num_classes,
+        class_names=info.class_names,
+    )
+    state.backend.records.put_dataset(rec)
+    return dataset_out(rec)
+
+
+@router.post(
+    "",
+    status_code=201,
+    response_model=DatasetOut,
+    summary="Upload an .npz with images (N,H,W or N,C,H,W) and labels (N,)",
+    responses=errors(400, 409, 413, 422),
+    openapi_extra=multipart_body(
+        {
+            "file": {"type": "string", "format": "binary", "description": "the .npz"},
+            "name": {"type": "string"},
+        },
+        ["file"],
+    ),
+)
+async def upload_dataset(request: Request, tenant: Tenant, state: State) -> DatasetOut:
+    settings = state.settings
+    count = await run_in_threadpool(state.backend.records.count_datasets, tenant)
+    if count >= settings.max_datasets_per_tenant:
+        raise HTTPException(
+            409,
+            f"dataset limit reached ({settings.max_datasets_per_tenant} per tenant); "
+            "delete one first",
+        )
+    form = await parse_multipart(request, tmp_dir=state.tmp_dir, limit=settings.max_upload_bytes)
+    try:
+        files = form.files_named("file")
+        if not files:
+            raise HTTPException(422, "missing file part 'file' (the .npz)")
+        files[0].sink.filename = files[0].filename
+        return await run_in_threadpool(
+            _store, state, tenant, form.fields.get("name") or None, files[0].sink
+        )
+    finally:
+        form.discard()
+
+
+@router.get("", response_model=DatasetList, responses=errors())
+def list_datasets(tenant: Tenant, state: State) -> DatasetList:
+    own = [dataset_out(r) for r in state.backend.records.list_datasets(tenant)]
+    return DatasetList(datasets=builtin_datasets() + own)
+
+
+@router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404))
+def get_dataset(dataset_id: str, tenant: Tenant, state: State) -> DatasetOut:
+    for builtin in builtin_datasets():
+        if builtin.id == dataset_id:
+            return builtin
+    rec = state.backend.records.get_dataset(dataset_id, tenant)
+    if rec is None:
+        raise not_found("dataset", dataset_id)
+    return dataset_out(rec)
+
+
+@router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
+def delete_dataset(dataset_id: str, tenant: Tenant, state: State) -> Response:
+    if dataset_id in BUILTIN_DATASETS:
+        raise HTTPException(409, f"{dataset_id!r} is built in and cannot be deleted")
+    rec = state.backend.records.get_dataset(dataset_id, tenant)
+    if rec is None:
+        raise not_found("dataset", dataset_id)
+    state.backend.delete_dataset(rec)
+    return Response(status_code=204)

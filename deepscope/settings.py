@@ -1,0 +1,189 @@
+"""All configuration of the service, from ``DEEPSCOPE_*`` environment variables.
+
+One pydantic-settings class shared by the API, the workers and ``deepscope up``; torch-free.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from deepscope.params import DEFAULT_MAX_STEPS
+
+__all__ = ["DEFAULT_TENANT", "DEV_KEY_FILE", "REDIS_URL_FILE", "Settings", "parse_api_keys"]
+
+#: The tenant of the development key that ``deepscope up`` makes when no keys are configured.
+DEFAULT_TENANT = "default"
+#: Under ``data_dir``: the development key (mode 0600), made on first start.
+DEV_KEY_FILE = "dev-api-key"
+#: Under ``data_dir``: the URL of the embedded Redis while ``deepscope up`` runs, so that a
+#: ``deepscope worker`` started by hand on the same data directory joins the stack.
+REDIS_URL_FILE = "run/redis.url"
+
+_MiB = 1024 * 1024
+
+
+def parse_api_keys(text: str) -> dict[str, str]:
+    """``"tenant1=key1,tenant2=key2"`` → ``{key: tenant}``.
+
+    ValueError on an entry without ``=``, an empty tenant or key, or a key given twice.
+    """
+    keys: dict[str, str] = {}
+    for number, raw in enumerate(text.split(","), start=1):
+        entry = raw.strip()
+        if not entry:
+            continue
+        tenant, sep, key = entry.partition("=")
+        tenant, key = tenant.strip(), key.strip()
+        if not sep or not tenant or not key:
+            # The entry itself is not echoed: it may be a key.
+            raise ValueError(f"DEEPSCOPE_API_KEYS entry {number} must be tenant=key")
+        if not tenant.replace("-", "").replace("_", "").isalnum():
+            raise ValueError(f"tenant name {tenant!r} may only hold letters, digits, '-' and '_'")
+        if key in keys:
+            raise ValueError(f"the same API key is given to tenants {keys[key]!r} and {tenant!r}")
+        keys[key] = tenant
+    return keys
+
+
+class Settings(BaseSettings):
+    """Deployment configuration; every field is ``DEEPSCOPE_<FIELD>`` in the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="DEEPSCOPE_", extra="ignore")
+
+    data_dir: Path = Field(default=Path("data"), description="uploads, artifacts, Redis data")
+    redis_url: str | None = Field(
+        default=None,
+        description="external Redis; None: the embedded server that `deepscope up` starts",
+    )
+    api_keys: str | None = Field(
+        default=None,
+        description='"tenant1=key1,tenant2=key2"; unset: one development key in the data dir',
+    )
+    storage_url: str | None = Field(
+        default=None,
+        description="fsspec URL of uploads and artifacts (s3://bucket/prefix); "
+        "None: DATA_DIR/storage",
+    )
+    max_upload_bytes: int = Field(default=512 * _MiB, gt=0)
+    max_models_per_tenant: int = Field(default=100, gt=0)
+    max_datasets_per_tenant: int = Field(default=100, gt=0)
+    max_steps: int = Field(default=DEFAULT_MAX_STEPS, gt=0)
+    allow_code_models: bool = Field(
+        default=False, description="accept code-bearing formats (pt2, torchscript)"
+    )
+    job_timeout: int = Field(default=3600, gt=0, description="seconds one job may run")
+    job_retries: int = Field(
+        default=1,
+        ge=0,
+        description="times a job whose worker died (killed, crashed) is run again before it "
+        "fails with 'worker died'",
+    )
+    job_memory_mb: int | None = Field(
+        default=None,
+        ge=0,
+        description="address space (MiB) one job may add to its process (RLIMIT_AS in the "
+        "job's own process); None: 80% of the machine's memory; 0: no limit",
+    )
+    worker_dead_after_s: int = Field(
+        default=15,
+        ge=3,
+        description="seconds without a heartbeat after which a worker counts as dead and its "
+        "job is retried or failed",
+    )
+    max_image_pixels: int = Field(
+        default=4096 * 4096, gt=0, description="pixels (width × height) of one posted image"
+    )
+    max_predict_images: int = Field(default=1024, gt=0, description="images in one predict")
+    validation_timeout: int = Field(default=600, gt=0)
+    result_ttl: int = Field(default=7 * 24 * 3600, description="seconds RQ keeps a job's result")
+    failure_ttl: int = Field(default=30 * 24 * 3600)
+    gpu_queue_fallback: bool = Field(
+        default=True, description="send gpu analyses to the cpu queue when no gpu worker is alive"
+    )
+    predict_sync_max: int = Field(
+        default=64, ge=0, description="images answered within the request; more become a job"
+    )
+    predict_wait_s: float = Field(
+        default=30.0, gt=0, description="how long a synchronous prediction may wait for a worker"
+    )
+    gpu_model_cache: int = Field(default=4, ge=0, description="models a GPU worker keeps loaded")
+    fashion_mnist_dir: Path | None = None
+    demo_tenant: str | None = Field(
+        default=None, description="tenant of the demo models; None: the first configured tenant"
+    )
+
+    @field_validator("api_keys")
+    @classmethod
+    def _check_keys(cls, value: str | None) -> str | None:
+        if value is not None and value.strip():
+            parse_api_keys(value)
+            return value
+        return None
+
+    def job_memory_bytes(self) -> int:
+        """The per-job address-space allowance in bytes (0: unlimited)."""
+        if self.job_memory_mb is not None:
+            return self.job_memory_mb * _MiB
+        try:
+            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        except (ValueError, OSError, AttributeError):
+            return 0
+        return int(total * 0.8)
+
+    @property
+    def storage_location(self) -> str:
+        """The fsspec URL (or local path) of the storage root."""
+        if self.storage_url:
+            return self.storage_url
+        return str((self.data_dir / "storage").resolve())
+
+    def dev_key_path(self) -> Path:
+        return self.data_dir / DEV_KEY_FILE
+
+    def ensure_dev_key(self) -> str:
+        """The development key in ``data_dir`` (made, mode 0600, on first use)."""
+        path = self.dev_key_path()
+        if path.is_file():
+            key = path.read_text().strip()
+            if key:
+                return key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        key = "ds_" + secrets.token_urlsafe(24)
+        path.touch(mode=0o600, exist_ok=True)
+        path.write_text(key + "\n")
+        return key
+
+    def key_table(self) -> dict[str, str]:
+        """``{key: tenant}``: the configured keys, else the development key for ``default``."""
+        if self.api_keys:
+            return parse_api_keys(self.api_keys)
+        return {self.ensure_dev_key(): DEFAULT_TENANT}
+
+    def resolved_demo_tenant(self) -> str:
+        if self.demo_tenant:
+            return self.demo_tenant
+        if self.api_keys:
+            return next(iter(parse_api_keys(self.api_keys).values()))
+        return DEFAULT_TENANT
+
+    def resolved_redis_url(self) -> str:
+        """``redis_url``, else the embedded server's URL written by ``deepscope up``.
+
+        ValueError when neither exists.
+        """
+        if self.redis_url:
+            return self.redis_url
+        path = self.data_dir / REDIS_URL_FILE
+        if path.is_file():
+            url = path.read_text().strip()
+            if url:
+                return url
+        raise ValueError(
+            "no Redis: set DEEPSCOPE_REDIS_URL, or run `deepscope up` (which starts an embedded "
+            f"Redis) with the same DEEPSCOPE_DATA_DIR ({self.data_dir})"
+        )

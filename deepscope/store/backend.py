@@ -1,0 +1,380 @@
+"""The service core without HTTP: register models and datasets, submit, reconcile and cancel
+jobs. The API routes and the worker (demo seeding) both go through :class:`Backend`.
+
+Record statuses are written by the workers; when a worker dies before it could write (killed,
+timed out, out of memory), :meth:`Backend.refresh_job` / :meth:`Backend.refresh_model` read
+RQ's view of the job and settle the record, so nothing stays ``running`` forever.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from typing import Any
+
+from pydantic import BaseModel
+from redis import Redis
+
+from deepscope import __version__
+from deepscope.manifest import Manifest
+from deepscope.settings import Settings
+from deepscope.store.queues import (
+    PREDICT,
+    RUN_JOB,
+    VALIDATE_MODEL,
+    QueueName,
+    RQState,
+    cancel_rq_job,
+    choose_queue,
+    connect,
+    enqueue,
+    rq_state,
+)
+from deepscope.store.records import (
+    DatasetRecord,
+    JobError,
+    JobRecord,
+    JobStatus,
+    ModelRecord,
+    ModelStatus,
+    Records,
+    cache_key,
+    canonical_json,
+    new_id,
+    utcnow,
+)
+from deepscope.store.recovery import Death, is_crash, recover_job, recover_validation
+from deepscope.store.storage import Storage
+
+__all__ = [
+    "Backend",
+    "JobConflictError",
+    "QuotaExceededError",
+    "error_from_rq",
+    "manifest_sha256",
+]
+
+PREDICT_ANALYSIS = "predict"
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
+
+
+class JobConflictError(ValueError):
+    """The job is already finished (HTTP 409)."""
+
+
+class QuotaExceededError(ValueError):
+    """The tenant has as many models as the deployment allows (HTTP 409)."""
+
+
+def manifest_sha256(manifest: Manifest) -> str:
+    return hashlib.sha256(canonical_json(manifest.model_dump(mode="json")).encode()).hexdigest()
+
+
+def error_from_rq(state: RQState) -> JobError:
+    """RQ's last traceback line → ``{type, message}``; a killed work horse reads as such."""
+    line = state.error or "the worker stopped without reporting an error"
+    match = _EXC_LINE.match(line)
+    if match:
+        kind = match.group(1).rsplit(".", 1)[-1]
+        message = match.group(2) or kind
+        if kind == "JobTimeoutException":
+            limit = re.search(r"\((\d+) seconds?\)", message)
+            after = f"{limit.group(1)} s" if limit else "its time limit"
+            return JobError(
+                type="timeout",
+                message=f"the job timed out after {after} (DEEPSCOPE_JOB_TIMEOUT)",
+            )
+        return JobError(type=kind, message=message)
+    if "terminated unexpectedly" in line:
+        return JobError(
+            type="worker_crashed",
+            message="the worker process died while running the job (out of memory, or a crash "
+            f"in native code): {line.rstrip(';')}",
+        )
+    return JobError(type="worker_error", message=line)
+
+
+class Backend:
+    """Records + storage + queues for one deployment."""
+
+    def __init__(
+        self, settings: Settings, redis: Redis | None = None, storage: Storage | None = None
+    ) -> None:
+        self.settings = settings
+        self.redis = redis if redis is not None else connect(settings.resolved_redis_url())
+        self.records = Records(self.redis)
+        self.storage = storage if storage is not None else Storage(settings.storage_location)
+
+    # --- models ---------------------------------------------------------------------------
+
+    def register_model(
+        self,
+        tenant: str,
+        manifest: Manifest,
+        sha256: str,
+        size_bytes: int,
+        *,
+        name: str | None = None,
+        demo: bool = False,
+        validate: bool = True,
+    ) -> ModelRecord:
+        """Record an uploaded model (status ``validating``) and queue its validation."""
+        rec = ModelRecord(
+            id=new_id(),
+            tenant=tenant,
+            name=name or manifest.name or f"model-{sha256[:8]}",
+            format=manifest.format,
+            sha256=sha256,
+            size_bytes=size_bytes,
+            manifest=manifest,
+            manifest_sha256=manifest_sha256(manifest),
+            input_shape=list(manifest.input_shape) if manifest.input_shape else None,
+            demo=demo,
+        )
+        limit = None if demo else self.settings.max_models_per_tenant
+        if not self.records.put_model(rec, limit=limit):
+            raise QuotaExceededError(
+                f"model limit reached ({self.settings.max_models_per_tenant} per tenant, "
+                "DEEPSCOPE_MAX_MODELS_PER_TENANT); delete one first"
+            )
+        if validate:
+            enqueue(
+                self.redis,
+                QueueName.CPU.value,
+                VALIDATE_MODEL,
+                [rec.id],
+                job_id=rec.validation_job_id,
+                timeout=self.settings.validation_timeout,
+                description=f"validate model {rec.id}",
+                at_front=True,
+                result_ttl=self.settings.result_ttl,
+                failure_ttl=self.settings.failure_ttl,
+            )
+        return rec
+
+    def refresh_model(self, rec: ModelRecord) -> ModelRecord:
+        """Settle a model whose validation job died without writing its verdict."""
+        if rec.status is not ModelStatus.VALIDATING:
+            return rec
+        state = rq_state(self.redis, rec.validation_job_id)
+        if state is None:
+            reason = "the validation job was lost (Redis lost its data); upload the model again"
+        elif state.status == "failed" and is_crash(state.error):
+            death = Death(f"its process died ({state.error})")
+            settled = recover_validation(
+                self.redis,
+                self.settings,
+                rec.id,
+                death,
+                expected_attempts=rec.validation_attempts,
+            )
+            return settled or rec
+        elif state.status in ("failed", "stopped", "canceled"):
+            err = error_from_rq(state)
+            reason = f"validation failed: {err.message}"
+        else:
+            return rec
+
+        def settle(current: ModelRecord) -> ModelRecord | None:
+            if (
+                current.status is not ModelStatus.VALIDATING
+                or current.validation_attempts != rec.validation_attempts
+            ):
+                return None
+            current.status = ModelStatus.INVALID
+            current.error = reason
+            current.validated_at = utcnow()
+            return current
+
+        return self.records.update_model(rec.id, settle) or rec
+
+    def delete_model(self, rec: ModelRecord) -> None:
+        if self.records.delete_model(rec):
+            self.storage.delete(Storage.blob_key(rec.sha256))
+
+    # --- datasets -------------------------------------------------------------------------
+
+    def delete_dataset(self, rec: DatasetRecord) -> None:
+        if self.records.delete_dataset(rec):
+            self.storage.delete(Storage.blob_key(rec.sha256))
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def submit_analysis(
+        self,
+        tenant: str,
+        model: ModelRecord,
+        analysis: str,
+        params: BaseModel,
+        dataset: str | None,
+    ) -> JobRecord:
+        """Queue an analysis, or answer it from the result cache at once (``cached: true``).
+
+        ``params`` is the validated params model (its defaults are part of the cache key).
+        """
+        params_json: dict[str, Any] = params.model_dump(mode="json", exclude={"analysis"})
+        key = cache_key(
+            model_sha256=model.sha256,
+            manifest_sha256=model.manifest_sha256,
+            dataset=dataset,
+            analysis=analysis,
+            params=params_json,
+            version=__version__,
+        )
+        common: dict[str, Any] = {
+            "tenant": tenant,
+            "analysis": analysis,
+            "params": params_json,
+            "model_id": model.id,
+            "model_sha256": model.sha256,
+            "dataset": dataset,
+            "cache_key": key,
+        }
+        hit = self._cache_hit(tenant, key)
+        if hit is not None:
+            now = utcnow()
+            rec = JobRecord(
+                id=new_id(),
+                status=JobStatus.SUCCEEDED,
+                progress=1.0,
+                cached=True,
+                source_job=hit.source_job or hit.id,
+                started_at=now,
+                finished_at=now,
+                **common,
+            )
+            self.records.put_job(rec)
+            return rec
+        queue = choose_queue(self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback)
+        rec = JobRecord(id=new_id(), queue=queue, **common)
+        rec.source_job = rec.id
+        # The record and the queue entry in one transaction: one round trip, and never one
+        # without the other.
+        with self.redis.pipeline() as pipe:
+            pipe.multi()  # explicitly: RQ only adds to a transaction that has begun
+            self.records.put_job(rec, pipeline=pipe)
+            enqueue(
+                self.redis,
+                queue,
+                RUN_JOB,
+                [rec.id],
+                job_id=rec.id,
+                timeout=self.settings.job_timeout,
+                description=f"{analysis} on model {model.id}",
+                result_ttl=self.settings.result_ttl,
+                failure_ttl=self.settings.failure_ttl,
+                pipeline=pipe,
+            )
+            pipe.execute()
+        return rec
+
+    def _cache_hit(self, tenant: str, key: str) -> JobRecord | None:
+        job_id = self.records.cache_get(tenant, key)
+        if job_id is None:
+            return None
+        src = self.records.get_job(job_id, tenant)
+        if (
+            src is None
+            or src.status is not JobStatus.SUCCEEDED
+            or self.records.get_result(src.source_job or src.id) is None
+        ):
+            self.records.cache_drop(tenant, key)
+            return None
+        return src
+
+    def submit_predict(
+        self, tenant: str, model: ModelRecord, params: dict[str, Any], *, urgent: bool
+    ) -> JobRecord:
+        """Queue a prediction whose inputs are already stored under ``inputs/{tenant}/{id}``.
+
+        ``params`` must hold ``job_id`` (the id the inputs were stored under)."""
+        job_id = str(params["job_id"])
+        rec = JobRecord(
+            id=job_id,
+            tenant=tenant,
+            analysis=PREDICT_ANALYSIS,
+            params={k: v for k, v in params.items() if k != "job_id"},
+            model_id=model.id,
+            model_sha256=model.sha256,
+            queue=QueueName.CPU.value,
+            source_job=job_id,
+        )
+        self.records.put_job(rec)
+        enqueue(
+            self.redis,
+            QueueName.CPU.value,
+            PREDICT,
+            [rec.id],
+            job_id=rec.id,
+            timeout=self.settings.job_timeout,
+            description=f"predict with model {model.id}",
+            at_front=urgent,
+            result_ttl=self.settings.result_ttl,
+            failure_ttl=self.settings.failure_ttl,
+        )
+        return rec
+
+    def refresh_job(self, rec: JobRecord) -> tuple[JobRecord, dict[str, Any]]:
+        """Settle a job whose worker died; also returns RQ's meta (live progress)."""
+        if rec.status.terminal:
+            return rec, {}
+        state = rq_state(self.redis, rec.id)
+        meta = dict(state.meta or {}) if state is not None else {}
+        if state is None:
+            error = JobError(
+                type="lost",
+                message="the queue lost this job (Redis lost its data); submit it again",
+            )
+            final = JobStatus.FAILED
+        elif state.status == "failed" and is_crash(state.error):
+            # The job's process died without a word (killed, out of memory): run it again
+            # while retries are left (the worker that saw it die usually did so already).
+            death = Death(f"its process died ({state.error})")
+            settled = recover_job(
+                self.redis, self.settings, rec.id, death, expected_attempts=rec.attempts
+            )
+            return settled or rec, meta
+        elif state.status == "failed":
+            error, final = error_from_rq(state), JobStatus.FAILED
+        elif state.status in ("stopped", "canceled"):
+            error, final = None, JobStatus.CANCELED
+        elif state.status == "finished":
+            # run_job writes its record before it returns; a finished RQ job with an open
+            # record means the record write itself failed.
+            error = JobError(type="worker_error", message="the worker finished without a result")
+            final = JobStatus.FAILED
+        else:
+            return rec, meta
+
+        def settle(current: JobRecord) -> JobRecord | None:
+            # Only the run this verdict is about: a retry queued meanwhile is left alone.
+            if current.status.terminal or current.attempts != rec.attempts:
+                return None
+            current.status = final
+            current.error = error
+            current.finished_at = utcnow()
+            return current
+
+        return self.records.update_job(rec.id, settle) or rec, meta
+
+    def cancel_job(self, rec: JobRecord) -> JobRecord:
+        """Cancel a queued job, stop a running one. JobConflictError when it already finished."""
+
+        def mark(current: JobRecord) -> JobRecord | None:
+            if current.status.terminal:
+                raise JobConflictError(f"job {current.id} already {current.status.value}")
+            current.cancel_requested = True
+            current.status = JobStatus.CANCELED
+            current.finished_at = utcnow()
+            return current
+
+        updated = self.records.update_job(rec.id, mark)
+        # A forking worker stops at once; a GPU worker (in-process) stops at its next progress
+        # report, when it sees ``cancel_requested``.
+        cancel_rq_job(self.redis, rec.id)
+        return updated or rec
+
+    def result_of(self, rec: JobRecord) -> dict[str, Any] | None:
+        if rec.status is not JobStatus.SUCCEEDED:
+            return None
+        return self.records.get_result(rec.source_job or rec.id)

@@ -1,0 +1,467 @@
+"""Records of models, datasets and jobs, per tenant, as JSON in Redis.
+
+Keys (``ds:`` prefix): ``model:{id}``, ``dataset:{id}``, ``job:{id}``, ``result:{id}`` (a job's
+result, apart from the record so that listings stay small), per-tenant sorted sets
+``models:{tenant}`` / ``datasets:{tenant}`` / ``jobs:{tenant}`` (score: creation time),
+``cache:{tenant}:{key}`` (result cache → job id), ``blobrefs:{sha}`` (models and datasets that
+use a blob), ``archs`` (architecture names the workers know), and the job statistics that
+``/metrics`` exports (``stats:jobs``, ``stats:job_seconds``: hashes updated in the same
+transaction as every job status change, by whichever process makes it). Ids are uuid4 hex; a record
+carries its tenant and a lookup for another tenant is a miss.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import json
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+from redis import Redis
+from redis.client import Pipeline
+from redis.exceptions import WatchError
+
+from deepscope.manifest import Manifest, ModelFormat
+
+__all__ = [
+    "BUILTIN_DATASETS",
+    "DURATION_BUCKETS",
+    "DatasetRecord",
+    "JobError",
+    "JobRecord",
+    "JobStatus",
+    "LayerInfo",
+    "ModelRecord",
+    "ModelStatus",
+    "Records",
+    "cache_key",
+    "canonical_json",
+    "is_id",
+    "job_stats",
+    "new_id",
+    "utcnow",
+]
+
+_P = "ds:"
+_T = TypeVar("_T", bound=BaseModel)
+
+#: Built-in datasets every tenant may name: (num_samples of the train split, C, H, W, classes).
+BUILTIN_DATASETS: dict[str, tuple[int, tuple[int, int, int], int]] = {
+    "digits": (1437, (1, 28, 28), 10),
+    "fashion-mnist": (60000, (1, 28, 28), 10),
+}
+
+
+#: Upper bounds (seconds) of the job-duration histogram's buckets; +Inf is implied.
+DURATION_BUCKETS: tuple[float, ...] = (
+    0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
+)  # fmt: skip
+_JOB_COUNTS = "stats:jobs"
+_JOB_SECONDS = "stats:job_seconds"
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+def is_id(value: str) -> bool:
+    """True for a uuid4-hex id (32 lowercase hex digits)."""
+    return len(value) == 32 and all(c in "0123456789abcdef" for c in value)
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces: equal values give equal strings."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+
+
+def cache_key(
+    *,
+    model_sha256: str,
+    manifest_sha256: str,
+    dataset: str | None,
+    analysis: str,
+    params: dict[str, Any],
+    version: str,
+) -> str:
+    """sha256 of what a result is a pure function of (DESIGN.md): model, dataset, analysis,
+    params (with their defaults filled in), deepscope version; and the manifest, which holds the
+    normalization and class names the analyses use."""
+    payload = canonical_json(
+        {
+            "model": model_sha256,
+            "manifest": manifest_sha256,
+            "dataset": dataset,
+            "analysis": analysis,
+            "params": params,
+            "version": version,
+        }
+    )
+    return hashlib.sha256(payload.encode()).hexdigest()
+
+
+class ModelStatus(StrEnum):
+    VALIDATING = "validating"
+    READY = "ready"
+    INVALID = "invalid"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELED = "canceled"
+
+    @property
+    def terminal(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class LayerInfo(_Record):
+    name: str
+    kind: str
+    weight_shape: list[int]
+
+
+class ModelRecord(_Record):
+    id: str
+    tenant: str
+    name: str
+    format: ModelFormat
+    sha256: str
+    size_bytes: int
+    manifest: Manifest
+    manifest_sha256: str
+    status: ModelStatus = ModelStatus.VALIDATING
+    error: str | None = None
+    input_shape: list[int] | None = None
+    num_parameters: int | None = None
+    num_classes: int | None = None
+    layers: list[LayerInfo] = Field(default_factory=list)
+    created_at: datetime = Field(default_factory=utcnow)
+    validated_at: datetime | None = None
+    demo: bool = False
+    #: Validations started again because the worker died under the previous one.
+    validation_attempts: int = 0
+
+    @property
+    def validation_job_id(self) -> str:
+        return f"validate-{self.id}"
+
+
+class DatasetRecord(_Record):
+    id: str
+    tenant: str
+    name: str
+    sha256: str
+    size_bytes: int
+    num_samples: int
+    input_shape: list[int]
+    num_classes: int
+    class_names: list[str] | None = None
+    created_at: datetime = Field(default_factory=utcnow)
+
+
+class JobError(_Record):
+    type: str
+    message: str
+
+
+class JobRecord(_Record):
+    id: str
+    tenant: str
+    analysis: str  # an AnalysisKind value, or "predict"
+    params: dict[str, Any] = Field(default_factory=dict)
+    model_id: str
+    model_sha256: str
+    dataset: str | None = None
+    status: JobStatus = JobStatus.QUEUED
+    progress: float = 0.0
+    message: str | None = None
+    queue: str | None = None
+    cached: bool = False
+    cache_key: str | None = None
+    #: The job whose stored result and artifacts this one shows: itself, or for a cache hit
+    #: the job that computed them.
+    source_job: str | None = None
+    cancel_requested: bool = False
+    #: Runs started again because the worker died under the previous one.
+    attempts: int = 0
+    created_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: JobError | None = None
+
+
+def _count_transition(pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
+    """Count a job entering a status; on reaching a terminal one after running, its run time."""
+    if old is not None and old.status is new.status:
+        return
+    label = f"{new.analysis}|{new.status.value}"
+    pipe.hincrby(_P + _JOB_COUNTS, label, 1)
+    if new.status.terminal and new.started_at is not None and new.finished_at is not None:
+        if new.cached:
+            return  # answered from the cache: nothing ran
+        seconds = max(0.0, (new.finished_at - new.started_at).total_seconds())
+        bucket = bisect.bisect_left(DURATION_BUCKETS, seconds)
+        pipe.hincrby(_P + _JOB_SECONDS, f"{label}|{bucket}", 1)
+        pipe.hincrbyfloat(_P + _JOB_SECONDS, f"{label}|sum", seconds)
+
+
+def job_stats(
+    counts: dict[str, int], seconds: dict[str, float]
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], tuple[list[int], float]]]:
+    """Decode :meth:`Records.job_stats`: ``{(analysis, status): jobs that entered the status}``
+    and ``{(analysis, status): (per-bucket counts, one per DURATION_BUCKETS + 1 for +Inf,
+    sum of seconds)}`` of the jobs that finished after running."""
+    entered: dict[tuple[str, str], int] = {}
+    for field_name, count in counts.items():
+        analysis, _, status = field_name.rpartition("|")
+        entered[(analysis, status)] = count
+    durations: dict[tuple[str, str], tuple[list[int], float]] = {}
+    for field_name, value in seconds.items():
+        label, _, which = field_name.rpartition("|")
+        analysis, _, status = label.rpartition("|")
+        empty: tuple[list[int], float] = ([0] * (len(DURATION_BUCKETS) + 1), 0.0)
+        buckets, total = durations.get((analysis, status), empty)
+        if which == "sum":
+            total = float(value)
+        elif which.isdigit() and int(which) <= len(DURATION_BUCKETS):
+            buckets[int(which)] = int(value)
+        durations[(analysis, status)] = (buckets, total)
+    return entered, durations
+
+
+class Records:
+    """Typed access to the records in one Redis database."""
+
+    def __init__(self, redis: Redis) -> None:
+        self.redis = redis
+
+    # --- generic --------------------------------------------------------------------------
+
+    def _get(self, key: str, cls: type[_T]) -> _T | None:
+        raw = self.redis.get(_P + key)
+        return None if raw is None else cls.model_validate_json(raw)
+
+    def _put(self, key: str, record: BaseModel, index: str | None, score: float) -> None:
+        pipe = self.redis.pipeline()
+        pipe.set(_P + key, record.model_dump_json())
+        if index is not None:
+            pipe.zadd(_P + index, {key.split(":", 1)[1]: score})
+        pipe.execute()
+
+    def _update(
+        self,
+        key: str,
+        cls: type[_T],
+        change: Callable[[_T], _T | None],
+        also: Callable[[Pipeline, _T, _T], None] | None = None,
+    ) -> _T | None:
+        """Read-modify-write under WATCH: ``change`` returns the new record, or None to keep it;
+        ``also(pipe, old, new)`` adds commands to the same transaction.
+
+        Returns the stored record afterwards (None when it does not exist).
+        """
+        full = _P + key
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    pipe.watch(full)  # type: ignore[no-untyped-call]
+                    raw = pipe.get(full)
+                    if raw is None:
+                        pipe.reset()
+                        return None
+                    current = cls.model_validate_json(raw)
+                    new = change(current.model_copy(deep=True))
+                    if new is None:
+                        pipe.reset()
+                        return current
+                    pipe.multi()
+                    pipe.set(full, new.model_dump_json())
+                    if also is not None:
+                        also(pipe, current, new)
+                    pipe.execute()
+                    return new
+                except WatchError:
+                    continue
+
+    def _owned(self, key: str, cls: type[_T], tenant: str) -> _T | None:
+        record = self._get(key, cls)
+        if record is None or getattr(record, "tenant", None) != tenant:
+            return None
+        return record
+
+    def _list(self, index: str, prefix: str, cls: type[_T], limit: int) -> list[_T]:
+        ids = self.redis.zrevrange(_P + index, 0, limit - 1)
+        if not ids:
+            return []
+        raws = self.redis.mget([f"{_P}{prefix}:{_text(i)}" for i in ids])
+        return [cls.model_validate_json(r) for r in raws if r is not None]
+
+    # --- models ---------------------------------------------------------------------------
+
+    def put_model(self, rec: ModelRecord, *, limit: int | None = None) -> bool:
+        """Store the record. With ``limit``: only while the tenant has fewer models (checked
+        and written in one transaction, so concurrent uploads cannot overshoot). → stored?"""
+        index = f"{_P}models:{rec.tenant}"
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    if limit is not None:
+                        pipe.watch(index)  # type: ignore[no-untyped-call]
+                        if int(pipe.zcard(index)) >= limit:
+                            pipe.reset()
+                            return False
+                    pipe.multi()
+                    pipe.set(f"{_P}model:{rec.id}", rec.model_dump_json())
+                    pipe.zadd(index, {rec.id: rec.created_at.timestamp()})
+                    pipe.sadd(f"{_P}blobrefs:{rec.sha256}", f"model:{rec.id}")
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue
+
+    def get_model(self, model_id: str, tenant: str | None = None) -> ModelRecord | None:
+        """The record; with ``tenant``, None unless that tenant owns it."""
+        if not is_id(model_id):
+            return None
+        if tenant is None:
+            return self._get(f"model:{model_id}", ModelRecord)
+        return self._owned(f"model:{model_id}", ModelRecord, tenant)
+
+    def update_model(
+        self, model_id: str, change: Callable[[ModelRecord], ModelRecord | None]
+    ) -> ModelRecord | None:
+        return self._update(f"model:{model_id}", ModelRecord, change)
+
+    def list_models(self, tenant: str, limit: int = 1000) -> list[ModelRecord]:
+        return self._list(f"models:{tenant}", "model", ModelRecord, limit)
+
+    def count_models(self, tenant: str) -> int:
+        return int(self.redis.zcard(f"{_P}models:{tenant}"))
+
+    def delete_model(self, rec: ModelRecord) -> bool:
+        """Remove the record. True when no model or dataset uses its blob any more."""
+        return self._delete(f"model:{rec.id}", f"models:{rec.tenant}", rec.id, rec.sha256)
+
+    def _delete(self, key: str, index: str, rec_id: str, sha256: str) -> bool:
+        pipe = self.redis.pipeline()
+        pipe.delete(_P + key)
+        pipe.zrem(_P + index, rec_id)
+        pipe.srem(f"{_P}blobrefs:{sha256}", key)
+        pipe.scard(f"{_P}blobrefs:{sha256}")
+        return int(pipe.execute()[-1]) == 0
+
+    # --- datasets -------------------------------------------------------------------------
+
+    def put_dataset(self, rec: DatasetRecord) -> None:
+        self._put(f"dataset:{rec.id}", rec, f"datasets:{rec.tenant}", rec.created_at.timestamp())
+        self.redis.sadd(f"{_P}blobrefs:{rec.sha256}", f"dataset:{rec.id}")
+
+    def get_dataset(self, dataset_id: str, tenant: str) -> DatasetRecord | None:
+        if not is_id(dataset_id):
+            return None
+        return self._owned(f"dataset:{dataset_id}", DatasetRecord, tenant)
+
+    def list_datasets(self, tenant: str, limit: int = 1000) -> list[DatasetRecord]:
+        return self._list(f"datasets:{tenant}", "dataset", DatasetRecord, limit)
+
+    def count_datasets(self, tenant: str) -> int:
+        return int(self.redis.zcard(f"{_P}datasets:{tenant}"))
+
+    def delete_dataset(self, rec: DatasetRecord) -> bool:
+        return self._delete(f"dataset:{rec.id}", f"datasets:{rec.tenant}", rec.id, rec.sha256)
+
+    # --- jobs -----------------------------------------------------------------------------
+
+    def put_job(self, rec: JobRecord, pipeline: Pipeline | None = None) -> None:
+        """Store a new job record; with ``pipeline``, when the caller executes it."""
+        pipe = pipeline if pipeline is not None else self.redis.pipeline()
+        pipe.set(f"{_P}job:{rec.id}", rec.model_dump_json())
+        pipe.zadd(f"{_P}jobs:{rec.tenant}", {rec.id: rec.created_at.timestamp()})
+        _count_transition(pipe, None, rec)
+        if pipeline is None:
+            pipe.execute()
+
+    def get_job(self, job_id: str, tenant: str | None = None) -> JobRecord | None:
+        if not is_id(job_id):
+            return None
+        if tenant is None:
+            return self._get(f"job:{job_id}", JobRecord)
+        return self._owned(f"job:{job_id}", JobRecord, tenant)
+
+    def update_job(
+        self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
+    ) -> JobRecord | None:
+        return self._update(f"job:{job_id}", JobRecord, change, _count_transition)
+
+    def job_stats(self) -> tuple[dict[str, int], dict[str, float]]:
+        """The raw statistics hashes (see :func:`job_stats`)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pipe.hgetall(_P + _JOB_COUNTS)
+        pipe.hgetall(_P + _JOB_SECONDS)
+        counts, seconds = pipe.execute()
+        return (
+            {_text(k): int(v) for k, v in counts.items()},
+            {_text(k): float(v) for k, v in seconds.items()},
+        )
+
+    def list_jobs(self, tenant: str, limit: int = 100) -> list[JobRecord]:
+        return self._list(f"jobs:{tenant}", "job", JobRecord, limit)
+
+    def put_result(self, job_id: str, result: dict[str, Any]) -> None:
+        self.redis.set(f"{_P}result:{job_id}", json.dumps(result))
+
+    def get_result(self, job_id: str) -> dict[str, Any] | None:
+        raw = self.redis.get(f"{_P}result:{job_id}")
+        if raw is None:
+            return None
+        value: dict[str, Any] = json.loads(raw)
+        return value
+
+    # --- result cache ---------------------------------------------------------------------
+
+    def cache_get(self, tenant: str, key: str) -> str | None:
+        """The succeeded job whose result answers ``key`` for ``tenant``, if any."""
+        raw = self.redis.get(f"{_P}cache:{tenant}:{key}")
+        return None if raw is None else _text(raw)
+
+    def cache_set(self, tenant: str, key: str, job_id: str) -> None:
+        self.redis.set(f"{_P}cache:{tenant}:{key}", job_id)
+
+    def cache_drop(self, tenant: str, key: str) -> None:
+        self.redis.delete(f"{_P}cache:{tenant}:{key}")
+
+    # --- architectures --------------------------------------------------------------------
+
+    def set_archs(self, names: list[str]) -> None:
+        """Publish the architectures a worker can build (the API checks manifests against it)."""
+        if names:
+            self.redis.sadd(f"{_P}archs", *names)
+
+    def archs(self) -> set[str]:
+        return {_text(n) for n in self.redis.smembers(f"{_P}archs")}
+
+    # --- demo -----------------------------------------------------------------------------
+
+    def claim_demo(self, tenant: str) -> bool:
+        """True once per tenant: who gets to seed the demo models."""
+        return bool(self.redis.set(f"{_P}demo:{tenant}", "1", nx=True))

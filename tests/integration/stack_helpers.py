@@ -1,0 +1,125 @@
+"""Helpers of the hardening and reliability tests: models to upload, polling, process and
+memory probes. Plain functions (the stacks themselves come from conftest.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import torch
+from safetensors.torch import save_file
+
+from deepscope.models.registry import get_model
+
+__all__ = [
+    "FINAL",
+    "alive",
+    "children",
+    "fcnn_weights",
+    "manifest_for",
+    "peak_rss_mib",
+    "torchscript_bytes",
+    "upload_model",
+    "wait_job",
+    "wait_model",
+    "wait_until",
+]
+
+FINAL = {"succeeded", "failed", "canceled"}
+
+
+def fcnn_weights(directory: Path, arch: str = "fcnn1", seed: int = 0) -> Path:
+    """Randomly initialized weights of a registry architecture, as safetensors (seeded)."""
+    path = directory / f"{arch}-{seed}.safetensors"
+    if not path.exists():
+        torch.manual_seed(seed)
+        model = get_model(arch, num_classes=10)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def manifest_for(arch: str = "fcnn1", fmt: str = "safetensors", **extra: Any) -> dict[str, Any]:
+    return {"arch": arch, "format": fmt, "input_shape": [1, 28, 28], **extra}
+
+
+def upload_model(
+    client: httpx.Client,
+    data: bytes,
+    manifest: dict[str, Any],
+    filename: str = "model.bin",
+) -> httpx.Response:
+    return client.post(
+        "/v1/models",
+        files={"file": (filename, data, "application/octet-stream")},
+        data={"manifest": json.dumps(manifest)},
+    )
+
+
+def wait_until(
+    client: httpx.Client, path: str, done: set[str], timeout: float = 120.0, poll: float = 0.1
+) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout
+    while True:
+        resp = client.get(path)
+        assert resp.status_code < 500, resp.text
+        body: dict[str, Any] = resp.json()
+        if body["status"] in done:
+            return body
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{path} still {body['status']} after {timeout} s: {body}")
+        time.sleep(poll)
+
+
+def wait_job(client: httpx.Client, job_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    return wait_until(client, f"/v1/jobs/{job_id}", FINAL, timeout)
+
+
+def wait_model(client: httpx.Client, model_id: str, timeout: float = 120.0) -> dict[str, Any]:
+    return wait_until(client, f"/v1/models/{model_id}", {"ready", "invalid"}, timeout)
+
+
+def torchscript_bytes(module: torch.nn.Module) -> bytes:
+    """``torch.jit.script(module)`` saved to bytes."""
+    import io
+    import warnings
+
+    buf = io.BytesIO()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still what users upload
+        torch.jit.save(torch.jit.script(module), buf)
+    return buf.getvalue()
+
+
+def children(pid: int) -> list[int]:
+    """Direct children of ``pid`` (from /proc)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[1]) == pid:
+            out.append(int(stat.parent.name))
+    return out
+
+
+def alive(pid: int) -> bool:
+    """Running (not exited, not a zombie)."""
+    try:
+        os.kill(pid, 0)
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError):
+        return False
+    return state != "Z"
+
+
+def peak_rss_mib(pid: int) -> float:
+    """The process's peak resident memory so far (VmHWM), MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError(f"no VmHWM for pid {pid}")
