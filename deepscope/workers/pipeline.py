@@ -564,65 +564,37 @@ def _by_dataset_index(
     return [{**m, "image": indices[int(m["image"])]} for m in metrics]
 
 
-def _run_caricature(ctx: _Context) -> dict[str, Any]:
-    params = ctx.params
-    assert isinstance(params, CaricatureParams)
-    model = _optimization_model(ctx, needs_layers=True)
-    source = _source_images(ctx, "caricature", params.images)
-    result = caricature(
-        model,
-        source,
-        layers=params.layers,
-        normalization=_normalization(ctx),
-        octaves=params.octaves,
-        octave_scale=params.octave_scale,
-        steps=params.steps,
-        lr=params.lr,
-        tv_weight=params.tv_weight,
-        seed=params.seed,
-        progress=_progress(ctx),
-    )
-    ctx.warnings += result.warnings
-    _rows_by_layer(
-        ctx,
-        "caricature",
-        source,
-        result,
-        params.layers,
+_FROM_IMAGES: dict[AnalysisKind, tuple[Callable[..., Any], str]] = {
+    AnalysisKind.CARICATURE: (
+        caricature,
         "caricatures: what each layer amplifies in the image (rows: layer)",
-    )
-    return {"images": params.images, "targets": _by_dataset_index(result.metrics, params.images)}
+    ),
+    AnalysisKind.INVERSION: (
+        inversion,
+        "inversions: the image rebuilt from each layer's representation (rows: layer)",
+    ),
+}
 
 
-def _run_inversion(ctx: _Context) -> dict[str, Any]:
+def _run_from_images(ctx: _Context) -> dict[str, Any]:
+    """caricature / inversion: optimize from dataset images at named layers.
+
+    Their params' fields are the analysis functions' keyword arguments, by design.
+    """
     params = ctx.params
-    assert isinstance(params, InversionParams)
+    assert isinstance(params, CaricatureParams | InversionParams)
+    function, title = _FROM_IMAGES[params.analysis]
     model = _optimization_model(ctx, needs_layers=True)
-    source = _source_images(ctx, "inversion", params.images)
-    result = inversion(
+    source = _source_images(ctx, params.analysis.value, params.images)
+    result = function(
         model,
         source,
-        layers=params.layers,
         normalization=_normalization(ctx),
-        steps=params.steps,
-        lr=params.lr,
-        param=params.param,
-        alpha=params.alpha,
-        alpha_weight=params.alpha_weight,
-        beta=params.beta,
-        tv_weight=params.tv_weight,
-        seed=params.seed,
         progress=_progress(ctx),
+        **params.model_dump(exclude={"analysis", "images"}),
     )
     ctx.warnings += result.warnings
-    _rows_by_layer(
-        ctx,
-        "inversion",
-        source,
-        result,
-        params.layers,
-        "inversions: the image rebuilt from each layer's representation (rows: layer)",
-    )
+    _rows_by_layer(ctx, params.analysis.value, source, result, params.layers, title)
     return {"images": params.images, "targets": _by_dataset_index(result.metrics, params.images)}
 
 
@@ -631,8 +603,8 @@ _RUNNERS: dict[AnalysisKind, Callable[[_Context], dict[str, Any]]] = {
     AnalysisKind.RESIDUALS: _run_residuals,
     AnalysisKind.INVERSE_IMAGES: _run_inverse_images,
     AnalysisKind.ACTIVATION_MAXIMIZATION: _run_activation_maximization,
-    AnalysisKind.CARICATURE: _run_caricature,
-    AnalysisKind.INVERSION: _run_inversion,
+    AnalysisKind.CARICATURE: _run_from_images,
+    AnalysisKind.INVERSION: _run_from_images,
 }
 
 

@@ -14,33 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
+from stack_helpers import alive, children
 
 from deepscope.service.stack import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def _children(pid: int) -> list[int]:
-    """Direct children of ``pid`` (from /proc)."""
-    out = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[1]) == pid:
-            out.append(int(stat.parent.name))
-    return out
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped) is not running.
-    state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    return state != "Z"
 
 
 def _port_open(port: int) -> bool:
@@ -89,8 +67,8 @@ def test_up_serves_demo_results_and_stops_cleanly(tmp_path: Path) -> None:
         assert key is not None, banner
         assert key.group(1) == (tmp_path / "dev-api-key").read_text().strip()
         assert str(tmp_path) in banner
-        children = _children(proc.pid)
-        assert len(children) == 3  # redis-server, one worker, the API
+        kids = children(proc.pid)
+        assert len(kids) == 3  # redis-server, one worker, the API
         with httpx.Client(
             base_url=f"http://127.0.0.1:{port}",
             headers={"Authorization": f"Bearer {key.group(1)}"},
@@ -112,7 +90,7 @@ def test_up_serves_demo_results_and_stops_cleanly(tmp_path: Path) -> None:
         elapsed = _stop(proc)
     assert proc.returncode == 0
     assert elapsed < 30
-    assert not any(_alive(pid) for pid in children)
+    assert not any(alive(pid) for pid in kids)
     assert not _port_open(port)
     assert (tmp_path / "redis" / "appendonly.aof").stat().st_size > 0
     assert not (tmp_path / "run" / "redis.url").exists()
