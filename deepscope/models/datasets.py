@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
+from deepscope.catalog import FASHION_MNIST_CLASSES
+
 __all__ = [
     "BUILTIN_DATASETS",
     "DEFAULT_FASHION_MNIST_DIR",
@@ -40,18 +42,6 @@ BUILTIN_DATASETS: tuple[str, ...] = ("digits", "fashion-mnist")
 FASHION_MNIST_ENV = "DEEPSCOPE_FASHION_MNIST_DIR"
 #: Where Debian's ``dataset-fashion-mnist`` package installs the files.
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
-FASHION_MNIST_CLASSES: tuple[str, ...] = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
 
 _SPLITS: tuple[str, ...] = ("train", "test")
 # MNIST-format file stems per split; both the ``-idx3-`` and the ``.idx3-`` spellings occur.

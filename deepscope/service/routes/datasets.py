@@ -8,6 +8,7 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
+from deepscope.catalog import FASHION_MNIST_CLASSES
 from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found
 from deepscope.service.npz import inspect_npz
 from deepscope.service.schemas import DatasetList, DatasetOut, dataset_out
@@ -19,24 +20,11 @@ __all__ = ["builtin_datasets", "router"]
 
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
-_FASHION = (
-    "T-shirt/top",
-    "Trouser",
-    "Pullover",
-    "Dress",
-    "Coat",
-    "Sandal",
-    "Shirt",
-    "Sneaker",
-    "Bag",
-    "Ankle boot",
-)
-
 
 def builtin_datasets() -> list[DatasetOut]:
     out = []
     for name, (n, shape, k) in BUILTIN_DATASETS.items():
-        names = [str(i) for i in range(k)] if name == "digits" else list(_FASHION)
+        names = [str(i) for i in range(k)] if name == "digits" else list(FASHION_MNIST_CLASSES)
         out.append(
             DatasetOut(
                 id=name,
