@@ -305,8 +305,7 @@ class Stack:
             [tenant],
             job_id=f"demo-{new_id()}",
             timeout=900,
-            result_ttl=self.settings.result_ttl,
-            failure_ttl=self.settings.failure_ttl,
+            settings=self.settings,
             description=f"train the demo models for tenant {tenant}",
         )
         self.echo(

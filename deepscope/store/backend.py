@@ -147,8 +147,7 @@ class Backend:
                 timeout=self.settings.validation_timeout,
                 description=f"validate model {rec.id}",
                 at_front=True,
-                result_ttl=self.settings.result_ttl,
-                failure_ttl=self.settings.failure_ttl,
+                settings=self.settings,
             )
         return rec
 
@@ -261,8 +260,7 @@ class Backend:
                 job_id=rec.id,
                 timeout=self.settings.job_timeout,
                 description=f"{analysis} on model {model.id}",
-                result_ttl=self.settings.result_ttl,
-                failure_ttl=self.settings.failure_ttl,
+                settings=self.settings,
                 pipeline=pipe,
             )
             pipe.execute()
@@ -309,8 +307,7 @@ class Backend:
             timeout=self.settings.job_timeout,
             description=f"predict with model {model.id}",
             at_front=urgent,
-            result_ttl=self.settings.result_ttl,
-            failure_ttl=self.settings.failure_ttl,
+            settings=self.settings,
         )
         return rec
 

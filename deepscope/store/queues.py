@@ -24,6 +24,8 @@ from rq.job import Job
 from rq.job import JobStatus as RQStatus
 from rq.serializers import JSONSerializer
 
+from deepscope.settings import Settings
+
 __all__ = [
     "GPU_ANALYSES",
     "PREDICT",
@@ -116,13 +118,14 @@ def enqueue(
     *,
     job_id: str,
     timeout: int,
-    result_ttl: int,
-    failure_ttl: int,
+    settings: Settings,
     description: str,
     at_front: bool = False,
     pipeline: Pipeline | None = None,
 ) -> Job:
-    """Enqueue ``func`` (a dotted path) with JSON arguments; TTLs always explicit.
+    """Enqueue ``func`` (a dotted path) with JSON arguments.
+
+    The result and failure TTLs always come from ``settings``, so no enqueue can forget them.
 
     With ``pipeline``, the job is written when the caller executes it (in its transaction).
     """
@@ -130,8 +133,8 @@ def enqueue(
         func,
         args=tuple(args),
         timeout=timeout,
-        result_ttl=result_ttl,
-        failure_ttl=failure_ttl,
+        result_ttl=settings.result_ttl,
+        failure_ttl=settings.failure_ttl,
         job_id=job_id,
         description=description,
         at_front=at_front,

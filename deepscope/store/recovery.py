@@ -227,8 +227,7 @@ def recover_job(
                 job_id=job_id,
                 timeout=settings.job_timeout,
                 description=f"{func.rsplit('.', 1)[-1]} {job_id} (retry {attempt})",
-                result_ttl=settings.result_ttl,
-                failure_ttl=settings.failure_ttl,
+                settings=settings,
                 pipeline=pipe,
             )
 
@@ -289,8 +288,7 @@ def recover_validation(
                 timeout=settings.validation_timeout,
                 description=f"validate model {model_id} (retry {attempt})",
                 at_front=True,
-                result_ttl=settings.result_ttl,
-                failure_ttl=settings.failure_ttl,
+                settings=settings,
                 pipeline=pipe,
             )
 
