@@ -267,3 +267,16 @@ def service(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
             yield svc
     except AssertionError as exc:
         pytest.fail(str(exc))
+
+
+# Two tenants' clients on the shared stack (module-scoped: one connection pool per test file).
+@pytest.fixture(scope="module")
+def alice(service: Service) -> Iterator[httpx.Client]:
+    with service.client(service.key_a) as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def bob(service: Service) -> Iterator[httpx.Client]:
+    with service.client(service.key_b) as client:
+        yield client

@@ -60,18 +60,6 @@ def weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def alice(service: Service) -> Iterator[httpx.Client]:
-    with service.client(service.key_a) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def bob(service: Service) -> Iterator[httpx.Client]:
-    with service.client(service.key_b) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
 def alice_model(alice: httpx.Client, weights: Path) -> dict[str, Any]:
     resp = upload_model(alice, weights.read_bytes(), manifest_for(name="alice-fcnn1"))
     assert resp.status_code == 202, resp.text

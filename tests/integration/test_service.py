@@ -14,7 +14,6 @@ import math
 import os
 import signal
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -109,18 +108,6 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Manifest]:
     out = tmp_path_factory.mktemp("model") / "fcnn1.safetensors"
     _, manifest = train_model("fcnn1", "digits", out, epochs=3, recipe=Recipe.FAST, seed=0)
     return out, manifest
-
-
-@pytest.fixture(scope="module")
-def alice(service: Service) -> Iterator[httpx.Client]:
-    with service.client(service.key_a) as client:
-        yield client
-
-
-@pytest.fixture(scope="module")
-def bob(service: Service) -> Iterator[httpx.Client]:
-    with service.client(service.key_b) as client:
-        yield client
 
 
 @pytest.fixture(scope="module")

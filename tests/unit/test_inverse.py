@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import copy
-from collections import OrderedDict
+from typing import cast
 
 import numpy as np
 import pytest
@@ -22,31 +22,20 @@ from deepscope.analysis.inverse import (
     refine,
     start_images,
 )
+from deepscope.models.registry import get_model
 
 SELU_LOW = -1.0507009873554804934193349852946 * 1.6732632423543772848170429916717
 
 
 def fcnn1(seed: int = 0) -> nn.Sequential:
+    """The registry's fcnn1, seeded (the exact inverse walks its Sequential children)."""
     torch.manual_seed(seed)
-    return nn.Sequential(OrderedDict(flatten=nn.Flatten(), fc1=nn.Linear(784, 10), selu1=nn.SELU()))
+    return cast(nn.Sequential, get_model("fcnn1"))
 
 
 def fcnn5(seed: int = 0) -> nn.Sequential:
     torch.manual_seed(seed)
-    return nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(784, 256),
-            selu1=nn.SELU(),
-            fc2=nn.Linear(256, 256),
-            selu2=nn.SELU(),
-            fc3=nn.Linear(256, 128),
-            selu3=nn.SELU(),
-            fc4=nn.Linear(128, 32),
-            selu4=nn.SELU(),
-            fc5=nn.Linear(32, 10),
-        )
-    )
+    return cast(nn.Sequential, get_model("fcnn5"))
 
 
 def small_cnn() -> nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 from collections import OrderedDict
+from typing import cast
 
 import pytest
 import torch
@@ -13,25 +14,13 @@ from torch import nn
 from torch.nn import functional as F
 
 from deepscope.analysis.optimize import activation_maximization, caricature, inversion
+from deepscope.models.registry import get_model
 
 NORM = ((0.5,), (0.5,))
 
 
 def _fcnn5() -> nn.Sequential:
-    return nn.Sequential(
-        OrderedDict(
-            flatten=nn.Flatten(),
-            fc1=nn.Linear(784, 256),
-            selu1=nn.SELU(),
-            fc2=nn.Linear(256, 256),
-            selu2=nn.SELU(),
-            fc3=nn.Linear(256, 128),
-            selu3=nn.SELU(),
-            fc4=nn.Linear(128, 32),
-            selu4=nn.SELU(),
-            fc5=nn.Linear(32, 10),
-        )
-    )
+    return cast(nn.Sequential, get_model("fcnn5"))
 
 
 @pytest.fixture(scope="module")
