@@ -17,6 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
+from deepscope.analyses.registry import analysis_names
+
 __all__ = ["app", "error_message", "main"]
 
 app = typer.Typer(
@@ -52,6 +54,18 @@ def _shape_arg(text: str | None) -> tuple[int, int, int] | None:
     return (dims[0], dims[1], dims[2])
 
 
+# The registry is torch-free and quick to import; plugins named in DEEPSCOPE_ANALYSIS_PLUGINS
+# are loaded with it, so their analyses are in the help too.
+AnalysisOption = Annotated[
+    str,
+    typer.Option(
+        metavar="ANALYSIS",
+        help=f"one of {', '.join(analysis_names())} (`deepscope list-analyses` says what each "
+        "does)",
+    ),
+]
+
+
 def _echo_progress(fraction: float, message: str) -> None:
     typer.echo(f"[{fraction:4.0%}] {message}", err=True)
 
@@ -61,7 +75,7 @@ def analyze(
     model_file: Annotated[
         Path, typer.Argument(help="safetensors, state_dict, .pt2 or TorchScript")
     ],
-    analysis: Annotated[str, typer.Option(help="signal_space or residuals")],
+    analysis: AnalysisOption,
     out: Annotated[Path, typer.Option(help="output directory (result.json + PNGs)")],
     arch: Annotated[
         str | None, typer.Option(help="registered architecture (weights files)")
@@ -79,12 +93,12 @@ def analyze(
     quiet: Annotated[bool, typer.Option("--quiet", "-q")] = False,
 ) -> None:
     """Run one analysis in-process (no service) and write OUT/result.json and its artifacts."""
-    from deepscope.params import AnalysisKind, parse_params
+    from deepscope.analyses.registry import parse_params
 
     parsed = parse_params(analysis, _json_arg(params, "--params"))
     kwargs = _json_arg(arch_kwargs, "--arch-kwargs")
+    from deepscope.analyses.run import run_analysis
     from deepscope.models.loading import code_models_allowed, load_model
-    from deepscope.workers.pipeline import run_analysis
 
     loaded = load_model(
         model_file,
@@ -95,14 +109,14 @@ def analyze(
     )
     result = run_analysis(
         loaded,
-        AnalysisKind(analysis),
+        analysis,
         parsed,
         out,
         dataset=dataset,
         device=device,
         progress=None if quiet else _echo_progress,
     )
-    typer.echo(f"{out / 'result.json'} ({len(result['artifacts'])} artifacts)")
+    typer.echo(f"{out / 'result.json'} ({len(result.artifacts)} artifacts)")
 
 
 @app.command()
@@ -119,8 +133,8 @@ def train(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda")] = "auto",
 ) -> None:
     """Train ARCH on a dataset; write safetensors plus a manifest beside it (.json)."""
+    from deepscope.analyses.run import resolve_device
     from deepscope.models.training import Recipe, train_model
-    from deepscope.workers.pipeline import resolve_device
 
     try:
         chosen = Recipe(recipe)
@@ -160,6 +174,20 @@ def list_archs() -> None:
         typer.echo(f"{name:28s} {shape:10s} {spec.description}")
 
 
+@app.command("list-analyses")
+def list_analyses_command(
+    metrics: Annotated[bool, typer.Option("--metrics", help="also list per-layer metrics")] = False,
+) -> None:
+    """List the registered analyses: name, queue, what each computes, and (with --metrics) the
+    per-layer metrics that `check --max` can gate on."""
+    from deepscope.analyses.registry import list_analyses
+
+    for spec in list_analyses():
+        typer.echo(f"{spec.name:26s} {spec.resource.value:4s} {spec.summary}")
+        if metrics and spec.layer_metrics:
+            typer.echo(f"{'':31s} per-layer metrics: {', '.join(spec.layer_metrics)}")
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option(help="where to write the demo's model and results")] = Path(
@@ -167,42 +195,29 @@ def demo(
     ),
 ) -> None:
     """Train fcnn1 on the digits in seconds, then run signal_space and residuals on it."""
+    from deepscope.analyses.registry import parse_params
+    from deepscope.analyses.run import run_analysis
     from deepscope.models.loading import load_model
     from deepscope.models.training import Recipe, train_model
-    from deepscope.params import AnalysisKind, parse_params
-    from deepscope.workers.pipeline import run_analysis
 
     weights = out / "fcnn1-digits.safetensors"
     out.mkdir(parents=True, exist_ok=True)
     result, _ = train_model("fcnn1", "digits", weights, epochs=10, recipe=Recipe.FAST, seed=0)
     typer.echo(f"trained fcnn1 on digits: held-out accuracy {result.accuracy:.1%} → {weights}")
     loaded = load_model(weights)
-    for kind in (AnalysisKind.SIGNAL_SPACE, AnalysisKind.RESIDUALS):
-        res = run_analysis(loaded, kind, parse_params(kind.value), out / kind.value)
-        typer.echo(
-            f"{kind.value}: {out / kind.value / 'result.json'} ({len(res['artifacts'])} pictures)"
-        )
+    for analysis in ("signal_space", "residuals"):
+        res = run_analysis(loaded, analysis, parse_params(analysis), out / analysis)
+        typer.echo(f"{analysis}: {out / analysis / 'result.json'} ({len(res.artifacts)} artifacts)")
     typer.echo(
-        f"open {out}/signal_space/weights_fc1.png and "
-        f"{out}/residuals/residuals_fc1_lost.png to start"
+        f"open {out}/signal_space/weights_fc1.png and {out}/residuals/residuals_fc1.png to start"
     )
 
 
 def error_message(exc: BaseException) -> str:
-    """One readable line for a user error; pydantic's errors become ``field: problem; ...``."""
-    from pydantic import ValidationError
+    """One readable line for a user error (pydantic's errors become ``field: problem; ...``)."""
+    from deepscope.contract.errors import user_message
 
-    if isinstance(exc, ValidationError):
-        parts = []
-        for err in exc.errors():
-            # The first location element of a tagged union is the tag (the analysis name).
-            loc = [str(p) for p in err["loc"][1:]] or [str(p) for p in err["loc"]]
-            parts.append(f"{'.'.join(loc)}: {err['msg']}")
-        return "invalid parameters: " + "; ".join(parts)
-    if isinstance(exc, FileNotFoundError) and exc.filename:
-        return f"no such file: {exc.filename}"
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    return user_message(exc)
 
 
 def main() -> None:
@@ -311,6 +326,7 @@ def up(
 
 if TYPE_CHECKING:  # the SDK is imported by the commands that use it (fast --help)
     from deepscope.client import Client, JobOut
+    from deepscope.gates import GateOutcome
 
 UrlOption = Annotated[
     str | None,
@@ -358,21 +374,12 @@ def _summary(job: JobOut) -> list[str]:
     result = job.result
     if result is None:
         return lines
-    metrics = result.metrics
-    for layer in metrics.get("layers", []) if isinstance(metrics.get("layers"), list) else []:
-        if "condition_number" in layer:
-            cond = layer["condition_number"]
-            cond_text = "∞" if cond is None else f"{cond:.4g}"
-            lines.append(
-                f"  {layer['name']:24s} rank {layer['rank']:>5}  condition number {cond_text:>10}"
-                f"  stable rank {layer['stable_rank']:.3g}"
-            )
-        elif layer.get("classes"):
-            lost = [c["lost_fraction"] for c in layer["classes"]]
-            lines.append(
-                f"  {layer['name']:24s} lost fraction mean {sum(lost) / len(lost):.3f}, "
-                f"max {max(lost):.3f}"
-            )
+    for layer, values in result.metrics.layer_values().items():
+        shown = "  ".join(
+            f"{metric.replace('_', ' ')} {'∞' if v is None else f'{v:.4g}'}"
+            for metric, v in values.items()
+        )
+        lines.append(f"  {layer:24s} {shown}")
     if result.predictions is not None:
         images = result.predictions.images
         lines.append(f"  {len(images)} generated images predicted by the model (result.json)")
@@ -410,7 +417,7 @@ def submit(
     model: Annotated[
         str, typer.Argument(help="a model file to upload first, or the id of an uploaded model")
     ],
-    analysis: Annotated[str, typer.Option(help="signal_space, residuals, inverse_images, ...")],
+    analysis: AnalysisOption,
     params: Annotated[str | None, typer.Option(help="analysis parameters as JSON")] = None,
     dataset: Annotated[
         str | None, typer.Option(help="digits, fashion-mnist or an uploaded dataset's id")
@@ -508,96 +515,38 @@ def predict_images(
         typer.echo(f"{label}\t{top}")
 
 
-def _metrics(job: JobOut) -> dict[str, Any]:
-    return job.result.metrics if job.result is not None else {}
+def _model_accuracy(client: Client, jobs: list[JobOut], limit: float) -> GateOutcome:
+    """For jobs without generated inputs: the model's held-out accuracy from its manifest."""
+    from deepscope.gates import GateOutcome
 
-
-def _gate_condition(
-    jobs: list[JobOut], limit: float, layers: set[str] | None
-) -> tuple[list[str], list[str]]:
-    """Failures of ``condition number ≤ limit`` (∞ fails), or why it cannot be checked."""
-    failures, seen = [], []
+    outcome = GateOutcome(f"accuracy ≥ {limit:g}")
     for job in jobs:
-        for layer in _metrics(job).get("layers", []):
-            if "condition_number" not in layer or (layers and layer["name"] not in layers):
-                continue
-            cond = layer["condition_number"]
-            seen.append((cond, layer["name"]))
-            if cond is None or cond > limit:
-                shown = "∞" if cond is None else f"{cond:.4g}"
-                where = f"layer {layer['name']} (job {job.id[:8]})"
-                failures.append(f"{where}: condition number {shown} > {limit:g}")
-    if not seen:
-        return ["no condition numbers in these jobs (run a signal_space job)"], []
-    finite = [(c, n) for c, n in seen if c is not None]
-    worst = f"largest {max(finite)[0]:.4g} at {max(finite)[1]}" if finite else "all ∞"
-    return failures, [f"{len(seen)} layers, {worst}"]
-
-
-def _gate_lost(jobs: list[JobOut], limit: float, layers: set[str] | None) -> list[str]:
-    failures, seen = [], 0
-    for job in jobs:
-        for layer in _metrics(job).get("layers", []):
-            classes = layer.get("classes") or []
-            if not classes or "lost_fraction" not in classes[0]:
-                continue
-            if layers and layer["name"] not in layers:
-                continue
-            seen += 1
-            worst = max(classes, key=lambda c: c["lost_fraction"])
-            if worst["lost_fraction"] > limit:
-                over = sum(1 for c in classes if c["lost_fraction"] > limit)
-                failures.append(
-                    f"layer {layer['name']} (job {job.id[:8]}): lost fraction "
-                    f"{worst['lost_fraction']:.4g} > {limit:g} for class {worst['class']} "
-                    f"({over} of {len(classes)} inputs over)"
-                )
-    if not seen:
-        return ["no lost fractions in these jobs (run a residuals job)"]
-    return failures
-
-
-def _gate_accuracy(client: Client, jobs: list[JobOut], limit: float) -> tuple[list[str], list[str]]:
-    """(failures, what was checked). The share of generated inputs (inverse images, ...) the
-    model puts in their intended class; for a job without any, the model's held-out accuracy
-    recorded in its manifest."""
-    failures, checked = [], []
-    for job in jobs:
-        targets = [
-            t
-            for t in _metrics(job).get("targets", [])
-            if isinstance(t, dict) and "class" in t and "predicted_class" in t
-        ]
-        if targets:
-            groups: dict[str, list[bool]] = {}
-            for t in targets:
-                hit = str(t["predicted_class"]) == str(t["class"])
-                groups.setdefault(str(t.get("method", job.analysis)), []).append(hit)
-            for method, hits in groups.items():
-                share = sum(hits) / len(hits)
-                what = f"{method} inputs of job {job.id[:8]} recognized as their class"
-                checked.append(f"{what}: {share:.1%}")
-                if share < limit:
-                    failures.append(f"{what}: {share:.1%} < {limit:.1%}")
-            continue
         model = client.get_model(job.model_id)
         if model.training is None:
-            failures.append(
+            outcome.failures.append(
                 f"job {job.id[:8]}: no generated inputs and no recorded accuracy for model "
                 f"{model.id[:8]} (its manifest has no training.accuracy)"
             )
             continue
         acc = model.training.accuracy
         what = f"model {model.name} held-out accuracy on {model.training.dataset} (manifest)"
-        checked.append(f"{what}: {acc:.1%}")
+        outcome.checked.append(f"{what}: {acc:.1%}")
         if acc < limit:
-            failures.append(f"{what}: {acc:.1%} < {limit:.1%}")
-    return failures, checked
+            outcome.failures.append(f"{what}: {acc:.1%} < {limit:.1%}")
+    return outcome
 
 
 @app.command()
 def check(
     jobs: Annotated[list[str], typer.Argument(help="job ids (waited for when unfinished)")],
+    max_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--max",
+            help="METRIC=LIMIT: every layer's METRIC at most LIMIT (repeatable); METRIC is any "
+            "per-layer metric (`deepscope list-analyses --metrics`)",
+        ),
+    ] = None,
     max_condition_number: Annotated[
         float | None, typer.Option(help="every layer's condition number at most this")
     ] = None,
@@ -620,10 +569,17 @@ def check(
 ) -> None:
     """Quality gates for CI: exit 1 (naming each layer that fails) when a gate fails."""
     from deepscope.client import JobStatus
+    from deepscope.gates import gate_max, gate_recognized, parse_limit
 
-    if max_condition_number is None and max_lost_fraction is None and min_accuracy is None:
+    limits = [parse_limit(text, "--max") for text in max_ or []]
+    if max_condition_number is not None:
+        limits.append(("condition_number", max_condition_number))
+    if max_lost_fraction is not None:
+        limits.append(("lost_fraction_max", max_lost_fraction))
+    if not limits and min_accuracy is None:
         raise ValueError(
-            "no gate given: use --max-condition-number, --max-lost-fraction or --min-accuracy"
+            "no gate given: use --max METRIC=LIMIT, --max-condition-number, --max-lost-fraction "
+            "or --min-accuracy"
         )
     chosen = {n.strip() for n in layers.split(",") if n.strip()} if layers else None
     failed = False
@@ -637,24 +593,21 @@ def check(
                 failed = True
             else:
                 done.append(job)
-        gates: list[tuple[str, list[str], list[str]]] = []
-        if max_condition_number is not None:
-            fails, checked = _gate_condition(done, max_condition_number, chosen)
-            gates.append((f"condition number ≤ {max_condition_number:g}", fails, checked))
-        if max_lost_fraction is not None:
-            fails = _gate_lost(done, max_lost_fraction, chosen)
-            gates.append((f"lost fraction ≤ {max_lost_fraction:g}", fails, []))
+        outcomes = [gate_max(done, metric, limit, chosen) for metric, limit in limits]
         if min_accuracy is not None:
-            fails, checked = _gate_accuracy(client, done, min_accuracy)
-            gates.append((f"accuracy ≥ {min_accuracy:g}", fails, checked))
-    for title, fails, checked in gates:
-        if fails:
+            recognized, without = gate_recognized(done, min_accuracy)
+            held_out = _model_accuracy(client, without, min_accuracy)
+            recognized.failures += held_out.failures
+            recognized.checked += held_out.checked
+            outcomes.append(recognized)
+    for outcome in outcomes:
+        if outcome.failures:
             failed = True
-            for line in fails:
-                typer.echo(f"FAIL {title}: {line}")
+            for line in outcome.failures:
+                typer.echo(f"FAIL {outcome.title}: {line}")
         else:
-            details = f" ({'; '.join(checked)})" if checked else ""
-            typer.echo(f"ok   {title}{details}")
+            details = f" ({'; '.join(outcome.checked)})" if outcome.checked else ""
+            typer.echo(f"ok   {outcome.title}{details}")
     if failed:
         raise typer.Exit(1)
 
@@ -665,9 +618,27 @@ def report(
         str | None, typer.Argument(help="a job id; none: the index of models and jobs")
     ] = None,
     ttl: Annotated[int, typer.Option(min=60, max=86400, help="seconds the link lives")] = 3600,
+    save: Annotated[
+        Path | None,
+        typer.Option(
+            "--save",
+            help="write the job's report here as one self-contained HTML file (opens from "
+            "disk, no server: e.g. a CI artifact) and print its path",
+        ),
+    ] = None,
     url: UrlOption = None,
     key: KeyOption = None,
 ) -> None:
-    """Print a signed, read-only link to a job's report page (or the index) for a browser."""
+    """Print a signed, read-only link to a job's report page (or the index) for a browser;
+    with --save, write the report as one HTML file instead."""
+    if save is None:
+        with _service_errors(), _client(url, key) as client:
+            typer.echo(client.report_url(job, ttl=ttl))
+        return
+    if job is None:
+        raise ValueError("--save needs a job id (the index of models and jobs is not saved)")
     with _service_errors(), _client(url, key) as client:
-        typer.echo(client.report_url(job, ttl=ttl))
+        html = client.report_html(job, standalone=True)
+    save.parent.mkdir(parents=True, exist_ok=True)
+    save.write_text(html, encoding="utf-8")
+    typer.echo(str(save))

@@ -1,6 +1,6 @@
 """The model manifest: what a weights file needs beside it to be loaded and analyzed.
 
-Plain pydantic, no torch: the API validates manifests without importing torch (DESIGN.md).
+Plain pydantic, no torch: the API validates manifests without importing torch.
 A manifest lives beside its weights file with the suffix ``.json`` (``fcnn1.safetensors`` →
 ``fcnn1.json``); ``deepscope train`` writes both.
 """
@@ -55,7 +55,7 @@ class TrainingInfo(BaseModel):
 
 
 class Manifest(BaseModel):
-    """What the loader needs besides the weights (DESIGN.md, ``POST /v1/models``)."""
+    """What the loader needs besides the weights (sent with ``POST /v1/models``)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from deepscope.params import DEFAULT_MAX_STEPS
+from deepscope.analyses.registry import DEFAULT_MAX_STEPS
 
 __all__ = ["DEFAULT_TENANT", "DEV_KEY_FILE", "REDIS_URL_FILE", "Settings", "parse_api_keys"]
 

@@ -53,9 +53,10 @@ cp "$runs/topdown-digits/inversion/inversion.png" docs/img/topdown-digits-invers
 
 cp "$runs/fcnn1-digits/signal_space/weights_fc1.png" docs/img/fcnn1-digits-weights.png
 cp "$runs/fcnn1-digits/signal_space/singular_vectors_fc1.png" docs/img/fcnn1-digits-singular-vectors.png
-cp "$runs/fcnn5-fashion-mnist/signal_space/spectra_overview.png" docs/img/fcnn5-fashion-spectra.png
+cp "$runs/fcnn5-fashion-mnist/signal_space/spectra.png" docs/img/fcnn5-fashion-spectra.png
+cp "$runs/resnet18_gray-digits/signal_space/spectra.png" docs/img/resnet18-digits-spectra.png
 cp "$runs/resnet18_gray-digits/signal_space/singular_vectors_layer1.0.conv1.png" docs/img/resnet18-layer1.0.conv1-vectors.png
-cp "$runs/fcnn1-fashion-mnist/residuals/residuals_fc1_lost.png" docs/img/fcnn1-fashion-lost.png
+cp "$runs/fcnn1-fashion-mnist/residuals/residuals_fc1.png" docs/img/fcnn1-fashion-residuals.png
 cp "$runs/resnet18_gray-digits/residuals/lost_fraction_by_depth.png" docs/img/resnet18-lost-by-depth.png
 
 # One table of accuracy and condition numbers, from the result files.
@@ -72,6 +73,17 @@ for run in sorted(runs.iterdir()):
     layers = json.loads((run / "signal_space" / "result.json").read_text())["metrics"]["layers"]
     shown = layers if len(layers) <= 5 else [l for l in layers if l["name"] in ("conv1", "layer1.0.conv1", "layer4.1.conv2", "fc", "stage1.conv1", "stage3.conv2", "head")]
     conds = ", ".join(f"{l['name']} {l['condition_number']:.3g}" for l in shown)
+    for kind in ("inverse_images",):
+        path = run / kind / "result.json"
+        if path.exists():
+            targets = json.loads(path.read_text())["metrics"]["targets"]
+            for method in ("pinv", "pinv_box"):
+                rows = [t for t in targets if t["method"] == method]
+                if rows:
+                    status = {t["reachable"] for t in rows}
+                    hits = sum(t["predicted_class"] == t["class"] for t in rows)
+                    worst = max(t["output_error"] for t in rows)
+                    print(f"<!-- {run.name} {method}: {sorted(status)}, {hits}/{len(rows)} classified as their class, max output error {worst:.2g}, pixels [{min(t['pixel_min'] for t in rows):.3g}, {max(t['pixel_max'] for t in rows):.3g}] -->")
     t = manifest["training"]
     print(f"| {manifest['arch']} | {t['dataset']} | {t['accuracy']:.1%} | {conds} |")
 PY

@@ -1,20 +1,26 @@
 """Inverse maps: the ideal input image of each class (Pattichis & Pattichis 2024).
 
 The paper asks which input drives a classifier to a prescribed output. The target output of
-class ``c`` comes from the training-set range of output unit ``c``: its minimum everywhere and its
-maximum at entry ``c`` (or the 25th / 75th percentiles). An input reaching that target is found
-in two ways:
+class ``c`` comes from the training-set range of the output units (:func:`output_targets`): by
+default every unit at its own minimum and unit ``c`` at its maximum (or the 25th / 75th
+percentiles); ``paper`` targets follow the authors' code instead. An input reaching that target
+is found in three ways:
 
-* **input optimization** ("+training"): start from a training-set image (the class average, the
-  class image whose output is closest to the target, or the average of the closest 25%) and
-  minimize ``MSE(model(x), target)`` over ``x``, all classes in one batch;
+* **input optimization** (``X+training``): start from a training-set image (the class average,
+  the class image whose output is closest to the target, or the average of the closest 25%) and
+  minimize ``MSE(model(x), target)`` over ``x``, all classes in one batch (:func:`refine`, with
+  deepscope's or the paper's recipe);
 * **the exact inverse** (``pinv``) of an invertible network (Linear layers and elementwise
-  invertible activations such as SELU): invert layer by layer from the output back, choosing at
-  every Linear layer the solution closest to the class average's activation there (the
-  minimum-change solution ``x = a + W⁺(y − b − W a)``). Targets a layer cannot reach (outside
-  its range, or outside an activation's range) are reported as unreachable, never hidden.
+  invertible activations such as SELU): the layer-by-layer minimum-change solution where it
+  reproduces the target, else a Gauss–Newton search over the input of the whole network; each
+  class is reported ``reached``, ``not_found`` or ``unreachable`` (proved), never guessed
+  (:mod:`deepscope.analysis.network_inverse`);
+* **the nearest reachable output in the data range** (``pinv_box``): the same search restricted
+  to inputs whose pixels lie in the data range (e.g. [0, 1]), since the exact inverse of a deep
+  network typically lies far outside it.
 
-All images here are model inputs (already normalized), shape ``(N, C, H, W)``.
+All images here are model inputs (already normalized), shape ``(N, C, H, W)``; the data range is
+given in pixel units and mapped through the caller's normalization.
 """
 
 from __future__ import annotations
@@ -24,43 +30,76 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Literal
+from typing import Literal, Protocol
 
 import torch
 from torch import Tensor, nn
 
 from deepscope.analysis.hooks import eval_mode
+from deepscope.analysis.network_inverse import (
+    REACH_TOLERANCE,
+    BoxInverseResult,
+    ExactInverseResult,
+    InverseStatus,
+    LayerwiseInverseResult,
+    box_inverse,
+    chain_names,
+    exact_inverse,
+    invertible_chain,
+    layerwise_inverse,
+    why_not_invertible,
+)
 
 __all__ = [
+    "EXACT_METHODS",
+    "PINV",
+    "PINV_BOX",
+    "REACH_TOLERANCE",
+    "RECIPES",
     "VALID_METHODS",
+    "BoxInverseResult",
     "ExactInverseResult",
     "InverseImagesResult",
+    "InverseStatus",
+    "LayerwiseInverseResult",
+    "MeanStd",
+    "Normalization",
+    "RefineRecipe",
+    "RefineSettings",
     "StartMethod",
     "TargetMode",
+    "box_inverse",
     "class_averages",
     "exact_inverse",
     "inverse_images",
     "invertible_chain",
+    "layerwise_inverse",
     "output_targets",
     "refine",
     "start_images",
+    "why_not_invertible",
 ]
 
 ProgressFn = Callable[[float, float], None]
+Optimizer = Literal["adam", "sgd"]
 
-#: A layer residual at or above this (relative) means the target is outside the layer's range.
-REACHABLE_TOLERANCE = 1e-6
-#: Targets within this fraction of an activation's range of its boundary are moved this far
-#: inside; targets beyond the boundary by more are reported as clipped.
-_RANGE_MARGIN = 1e-6
 _SCORE_BATCH = 1024
 
 
 class TargetMode(StrEnum):
-    """How the target output is read off the training-set scores of each output unit."""
+    """How the target output of each class is read off the training-set scores.
+
+    ``minmax`` (default): row ``c`` holds every unit ``j`` at unit ``j``'s own training minimum
+    and unit ``c`` at its maximum. ``percentile``: the same with the 25th / 75th percentiles.
+    ``paper``: the authors' construction: row ``c`` holds unit ``c``'s minimum in *every*
+    entry and unit ``c``'s maximum at entry ``c``. ``paper_percentile``: the same with unit
+    ``c``'s 25th / 75th percentiles.
+    """
 
     MINMAX = "minmax"
     PERCENTILE = "percentile"
+    PAPER = "paper"
+    PAPER_PERCENTILE = "paper_percentile"
 
 
 class StartMethod(StrEnum):
@@ -69,6 +108,42 @@ class StartMethod(StrEnum):
     AVG = "avg"
     MIN = "min"
     AVG_MIN = "avg_min"
+
+
+class RefineRecipe(StrEnum):
+    """Default optimizer, learning rate and steps of the ``+training`` refinement.
+
+    ``deepscope`` (default): Adam, lr 0.01, 200 steps. ``paper``: the authors' settings: plain
+    SGD (no momentum, no weight decay), lr 1e-4, 100 steps, no pixel clamping. Both minimize
+    each class's own ``MSE(model(x), t)`` (the mean over the M outputs, as ``nn.MSELoss``).
+    """
+
+    DEEPSCOPE = "deepscope"
+    PAPER = "paper"
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """What a :class:`RefineRecipe` sets."""
+
+    optimizer: Optimizer
+    lr: float
+    steps: int
+
+
+#: The settings of each refinement recipe.
+RECIPES: dict[RefineRecipe, RefineSettings] = {
+    RefineRecipe.DEEPSCOPE: RefineSettings(optimizer="adam", lr=0.01, steps=200),
+    RefineRecipe.PAPER: RefineSettings(optimizer="sgd", lr=1e-4, steps=100),
+}
+
+
+def _recipe(recipe: RefineRecipe | str) -> RefineRecipe:
+    try:
+        return RefineRecipe(recipe)
+    except ValueError:
+        choices = ", ".join(r.value for r in RefineRecipe)
+        raise ValueError(f"unknown recipe {recipe!r}; valid recipes are: {choices}") from None
 
 
 # --------------------------------------------------------------------------------------------
@@ -87,31 +162,48 @@ def _quantile(values: Tensor, q: float) -> Tensor:
     return ordered[lo] + (pos - lo) * (ordered[hi] - ordered[lo])
 
 
-def output_targets(scores: Tensor, mode: TargetMode = TargetMode.MINMAX) -> Tensor:
+def output_targets(scores: Tensor, mode: TargetMode | str = TargetMode.MINMAX) -> Tensor:
     """The target output of every class, from the model's outputs on the training set.
 
-    From the training-set score range of each output unit (DESIGN.md): row ``c`` holds every
-    unit ``j`` at its own low value (training-set minimum, or 25th percentile) and unit ``c`` at
-    its high value (maximum, or 75th percentile). (The authors' code uses unit ``c``'s low value
-    for every entry; per-unit lows keep each target inside every unit's observed range.)
+    With ``low_j`` / ``high_j`` the training-set minimum / maximum of output unit ``j`` (or its
+    25th / 75th percentile, linear interpolation as numpy's default):
+
+    * ``minmax`` / ``percentile`` (deepscope's default): ``T[c, j] = low_j`` for ``j ≠ c`` and
+      ``T[c, c] = high_c``: every unit at its own low value, so each target entry lies inside
+      the range that unit was seen to produce;
+    * ``paper`` / ``paper_percentile`` (the authors' code): ``T[c, j] = low_c`` for ``j ≠ c`` and
+      ``T[c, c] = high_c``: unit ``c``'s low value in every entry. Entries ``j ≠ c`` may then lie
+      outside anything unit ``j`` produced on the training set.
+
+    Example: unit minima ``(0, 0, -2)`` and maxima ``(3, 5, 4)`` give ``minmax`` rows
+    ``[3, 0, -2], [0, 5, -2], [0, 0, 4]`` and ``paper`` rows ``[3, 0, 0], [0, 5, 0],
+    [-2, -2, 4]``.
 
     Args:
         scores: ``(N, K)`` the model's outputs on the N training images.
-        mode: min/max or 25th/75th percentiles.
+        mode: a :class:`TargetMode`.
 
     Returns:
         ``(K, K)``; row ``c`` is the target output of class ``c``.
     """
-    mode = TargetMode(mode)
+    try:
+        mode = TargetMode(mode)
+    except ValueError:
+        choices = ", ".join(m.value for m in TargetMode)
+        raise ValueError(f"unknown target mode {mode!r}; valid modes are: {choices}") from None
     if scores.ndim != 2 or scores.shape[0] == 0 or scores.shape[1] == 0:
         raise ValueError(f"scores must be (N, K) with N, K >= 1, got {tuple(scores.shape)}")
     if not bool(torch.isfinite(scores).all()):
         raise ValueError("scores hold non-finite values (NaN or Inf)")
-    if mode is TargetMode.MINMAX:
+    if mode in (TargetMode.MINMAX, TargetMode.PAPER):
         low, high = scores.min(dim=0).values, scores.max(dim=0).values
     else:
         low, high = _quantile(scores, 0.25), _quantile(scores, 0.75)
-    targets = low[None, :].expand(scores.shape[1], -1).clone()
+    num = scores.shape[1]
+    if mode in (TargetMode.MINMAX, TargetMode.PERCENTILE):
+        targets = low[None, :].expand(num, -1).clone()
+    else:
+        targets = low[:, None].expand(-1, num).clone()
     targets.diagonal().copy_(high)
     return targets
 
@@ -254,25 +346,29 @@ def refine(
     x0: Tensor,
     targets: Tensor,
     *,
-    steps: int = 200,
-    lr: float = 0.01,
-    optimizer: Literal["adam", "sgd"] = "adam",
+    steps: int | None = None,
+    lr: float | None = None,
+    optimizer: Optimizer | None = None,
+    recipe: RefineRecipe | str = RefineRecipe.DEEPSCOPE,
     clamp: tuple[float, float] | None = None,
     progress: ProgressFn | None = None,
 ) -> tuple[Tensor, list[float]]:
     """Minimize ``MSE(model(x), target)`` over the inputs ``x``, all classes in one batch.
 
     Each class's loss is its own mean squared error over the outputs; their sum is minimized, so
-    every image gets the gradient it would get alone. The model runs in eval mode with frozen
-    parameters; its modes and ``requires_grad`` flags are restored afterwards, also on error.
+    every image gets the gradient it would get alone (as the authors' per-class loop does). The
+    model runs in eval mode with frozen parameters; its modes and ``requires_grad`` flags are
+    restored afterwards, also on error.
 
     Args:
         model: the classifier.
         x0: ``(K, C, H, W)`` starting images.
         targets: ``(K, outputs)`` the target output of each image.
-        steps: optimizer steps (> 0).
-        lr: learning rate (> 0).
-        optimizer: ``adam`` or ``sgd``.
+        steps: optimizer steps (> 0); None: the recipe's.
+        lr: learning rate (> 0); None: the recipe's.
+        optimizer: ``adam`` or ``sgd`` (no momentum); None: the recipe's.
+        recipe: the defaults (:data:`RECIPES`): ``deepscope`` Adam, lr 0.01, 200 steps;
+            ``paper`` SGD, lr 1e-4, 100 steps.
         clamp: ``(low, high)`` bounds for the pixels (model-input units) after every step.
         progress: called after each step with (fraction done, loss before the step).
 
@@ -280,6 +376,10 @@ def refine(
         ``(K, C, H, W)`` refined images (detached, ``x0``'s device and dtype) and the loss
         history: the mean target MSE over classes before each step (``steps`` values).
     """
+    settings = RECIPES[_recipe(recipe)]
+    steps = settings.steps if steps is None else steps
+    lr = settings.lr if lr is None else lr
+    optimizer = settings.optimizer if optimizer is None else optimizer
     if steps <= 0:
         raise ValueError(f"steps must be positive, got {steps}")
     if not lr > 0:
@@ -317,284 +417,22 @@ def refine(
 
 
 # --------------------------------------------------------------------------------------------
-# The exact inverse of invertible networks
-# --------------------------------------------------------------------------------------------
-
-_ACTIVATIONS = (nn.SELU, nn.ELU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Identity)
-
-
-def _leaves(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """The children of ``model``, nested ``nn.Sequential``s expanded, with qualified names."""
-    for name, child in model.named_children():
-        qualified = f"{prefix}{name}"
-        if isinstance(child, nn.Sequential):
-            yield from _leaves(child, qualified + ".")
-        else:
-            yield qualified, child
-
-
-def _invertible_step(module: nn.Module) -> bool:
-    if isinstance(module, nn.Linear):
-        return True
-    if isinstance(module, nn.Flatten):
-        # Flattening the batch dimension would mix the classes.
-        return module.start_dim >= 1
-    if isinstance(module, nn.LeakyReLU):
-        # A negative slope folds the line; a zero slope (ReLU) loses the negative half.
-        return module.negative_slope > 0
-    if isinstance(module, nn.ELU):
-        return module.alpha > 0
-    return isinstance(module, _ACTIVATIONS)
-
-
-def _why_not_invertible(model: nn.Module) -> str | None:
-    """Why :func:`invertible_chain` refuses ``model``, or None when it accepts it."""
-    if not isinstance(model, nn.Sequential):
-        return f"no known layer order (a {type(model).__name__}, not an nn.Sequential)"
-    leaves = list(_leaves(model))
-    bad = [f"{type(m).__name__} at {name!r}" for name, m in leaves if not _invertible_step(m)]
-    if bad:
-        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
-        return f"non-invertible layers: {shown}"
-    if not any(isinstance(m, nn.Linear) for _, m in leaves):
-        return "no Linear layer"
-    return None
-
-
-def invertible_chain(model: nn.Module) -> list[nn.Module] | None:
-    """The model's layers, in order, when it can be inverted exactly; else None.
-
-    Accepted: an ``nn.Sequential`` (nested ones expanded) of Flatten, Linear and elementwise
-    invertible activations (SELU, ELU with α > 0, LeakyReLU with slope > 0, Tanh, Sigmoid,
-    Identity), with at least one Linear.
-    """
-    if _why_not_invertible(model) is not None:
-        return None
-    return [m for _, m in _leaves(model)]
-
-
-def _chain_names(model: nn.Module) -> list[str]:
-    return [name for name, _ in _leaves(model)]
-
-
-@dataclass
-class ExactInverseResult:
-    """The layer-by-layer inverse of each class target.
-
-    Attributes:
-        images: ``(K, C, H, W)`` the inputs (anchors' dtype).
-        layer_residuals: per Linear layer (name, ``(K,)``): ``‖W x + b − y‖ / ‖y − b‖`` of the
-            least-squares solution at that layer; non-zero means the target is outside the
-            layer's range there.
-        reachable: ``(K,)`` bool: every layer residual < 1e-6 and nothing clipped.
-        clipped: ``(K,)`` bool: some target entry lay outside an activation's range (beyond
-            its boundary by more than 1e-6 of the range) and was moved just inside it.
-        activation_clipped: per activation with a bounded range (name, ``(K,)`` int): how many
-            entries were clipped there.
-        output_residual: ``(K,)`` ``‖f(x) − t‖ / ‖t‖`` with the returned image in float64.
-    """
-
-    images: Tensor
-    layer_residuals: list[tuple[str, Tensor]]
-    reachable: Tensor
-    clipped: Tensor
-    activation_clipped: list[tuple[str, Tensor]] = field(default_factory=list)
-    output_residual: Tensor | None = None
-
-
-def _range_of(module: nn.Module) -> tuple[float | None, float | None]:
-    """The open interval of an activation's outputs (None: unbounded)."""
-    if isinstance(module, nn.SELU):
-        # torch's SELU constants.
-        return (-1.0507009873554804934193349852946 * 1.6732632423543772848170429916717, None)
-    if isinstance(module, nn.ELU):
-        return (-float(module.alpha), None)
-    if isinstance(module, nn.Tanh):
-        return (-1.0, 1.0)
-    if isinstance(module, nn.Sigmoid):
-        return (0.0, 1.0)
-    return (None, None)
-
-
-def _clip_into_range(module: nn.Module, y: Tensor) -> tuple[Tensor, Tensor]:
-    """``y`` moved just inside the activation's open range, and the mask of reported entries.
-
-    Entries within the margin of a boundary, or on it (a float32 SELU saturates at exactly
-    −λα, so the model itself outputs the boundary), move inside silently: the output changes by
-    at most the margin. Entries further out lie outside the range: clipped and reported.
-    """
-    low, high = _range_of(module)
-    if low is None and high is None:
-        return y, torch.zeros_like(y, dtype=torch.bool)
-    width = (high if high is not None else 0.0) - (low if low is not None else 0.0)
-    margin = _RANGE_MARGIN * abs(width)
-    outside = torch.zeros_like(y, dtype=torch.bool)
-    if low is not None:
-        outside |= y < low - margin
-        y = y.clamp(min=low + margin)
-    if high is not None:
-        outside |= y > high + margin
-        y = y.clamp(max=high - margin)
-    return y, outside
-
-
-def _activation_inverse(module: nn.Module, y: Tensor) -> Tensor:
-    """The preimage of ``y`` (inside the range) under an elementwise invertible activation."""
-    if isinstance(module, nn.SELU | nn.ELU):
-        if isinstance(module, nn.SELU):
-            scale, alpha = 1.0507009873554804934193349852946, 1.6732632423543772848170429916717
-        else:
-            scale, alpha = 1.0, float(module.alpha)
-        return torch.where(y > 0, y / scale, torch.log1p((y / (scale * alpha)).clamp(max=0)))
-    if isinstance(module, nn.LeakyReLU):
-        return torch.where(y >= 0, y, y / module.negative_slope)
-    if isinstance(module, nn.Tanh):
-        return torch.atanh(y)
-    if isinstance(module, nn.Sigmoid):
-        return torch.logit(y)
-    return y
-
-
-def _forward64(module: nn.Module, x: Tensor) -> Tensor:
-    if isinstance(module, nn.Linear):
-        bias = None if module.bias is None else module.bias.detach().to(x)
-        return nn.functional.linear(x, module.weight.detach().to(x), bias)
-    out: Tensor = module(x)
-    return out
-
-
-def _per_class_norm(t: Tensor) -> Tensor:
-    norms: Tensor = torch.linalg.vector_norm(t.flatten(1), dim=1)
-    return norms
-
-
-def exact_inverse(
-    chain: Sequence[nn.Module],
-    targets: Tensor,
-    anchors: Tensor,
-    input_shape: tuple[int, ...],
-    *,
-    names: Sequence[str] | None = None,
-) -> ExactInverseResult:
-    """Invert ``chain`` layer by layer from the output back, closest to the anchors.
-
-    An activation is inverted analytically (a target outside its range is clipped just inside
-    and reported). A Linear layer ``y = W x + b`` is inverted by the minimum-change solution
-    ``x = a + W⁺ (y − b − W a)``, where ``a`` is the anchor's activation at that layer's input:
-    among all solutions (or least-squares solutions, when ``y`` is outside the range of ``W``)
-    it is the one closest to ``a``, so ``x − a`` lies in the row space of ``W``. Computed in
-    float64 with the pseudo-inverse.
-
-    Args:
-        chain: the layers from :func:`invertible_chain`.
-        targets: ``(K, outputs)`` the target output of each class.
-        anchors: ``(K, *input_shape)`` the class averages.
-        input_shape: the model's input shape ``(C, H, W)``.
-        names: a name per layer for the report (default: the layer indices).
-
-    Returns:
-        The images ``(K, *input_shape)`` in the anchors' dtype and device, with residuals.
-    """
-    if names is None:
-        names = [str(i) for i in range(len(chain))]
-    if len(names) != len(chain):
-        raise ValueError(f"{len(names)} names for {len(chain)} layers")
-    bad = [
-        f"{type(m).__name__} at {n!r}"
-        for n, m in zip(names, chain, strict=True)
-        if not _invertible_step(m)
-    ]
-    if bad:
-        raise ValueError(f"layers that cannot be inverted: {', '.join(bad)}")
-    if tuple(anchors.shape[1:]) != tuple(input_shape):
-        raise ValueError(
-            f"anchors must be (K, {', '.join(map(str, input_shape))}), got {tuple(anchors.shape)}"
-        )
-    if targets.ndim != 2 or targets.shape[0] != anchors.shape[0]:
-        raise ValueError(
-            f"targets must be (K, outputs) with K = {anchors.shape[0]} anchors, "
-            f"got {tuple(targets.shape)}"
-        )
-    num = anchors.shape[0]
-    device = anchors.device
-    # The anchors' activation at each layer's input.
-    inputs: list[Tensor] = []
-    act = anchors.detach().to(torch.float64)
-    with torch.no_grad():
-        for module in chain:
-            inputs.append(act)
-            act = _forward64(module, act)
-    if act.shape != targets.shape:
-        raise ValueError(
-            f"the network outputs {tuple(act.shape[1:])} per image but targets are "
-            f"{tuple(targets.shape[1:])}"
-        )
-
-    y = targets.detach().to(device=device, dtype=torch.float64)
-    residuals: list[tuple[str, Tensor]] = []
-    activation_clipped: list[tuple[str, Tensor]] = []
-    clipped = torch.zeros(num, dtype=torch.bool, device=device)
-    unreachable = torch.zeros(num, dtype=torch.bool, device=device)
-    with torch.no_grad():
-        for index in reversed(range(len(chain))):
-            module, name, anchor = chain[index], names[index], inputs[index]
-            if isinstance(module, nn.Linear):
-                weight = module.weight.detach().to(device=device, dtype=torch.float64)
-                bias = (
-                    torch.zeros(weight.shape[0], dtype=torch.float64, device=device)
-                    if module.bias is None
-                    else module.bias.detach().to(device=device, dtype=torch.float64)
-                )
-                wanted = y - bias
-                # Rows are the vectors the Linear acts on (its input's last dimension).
-                change = (wanted - anchor @ weight.T) @ torch.linalg.pinv(weight).T
-                x = anchor + change
-                miss = _per_class_norm(x @ weight.T - wanted)
-                scale = _per_class_norm(wanted)
-                relative = torch.where(scale > 0, miss / scale.clamp(min=1e-300), miss)
-                residuals.append((name, relative))
-                unreachable |= relative >= REACHABLE_TOLERANCE
-                y = x
-            elif isinstance(module, nn.Flatten):
-                y = y.reshape(anchor.shape)
-            else:
-                y, mask = _clip_into_range(module, y)
-                if _range_of(module) != (None, None):
-                    counts = mask.reshape(num, -1).sum(dim=1)
-                    activation_clipped.append((name, counts))
-                    clipped |= counts > 0
-                y = _activation_inverse(module, y)
-        # Forward check of the float64 image, before the cast to the anchors' dtype.
-        out = y
-        for module in chain:
-            out = _forward64(module, out)
-        t64 = targets.detach().to(device=device, dtype=torch.float64)
-        t_norm = _per_class_norm(t64)
-        miss = _per_class_norm(out - t64)
-        output_residual = torch.where(t_norm > 0, miss / t_norm.clamp(min=1e-300), miss)
-    residuals.reverse()
-    activation_clipped.reverse()
-    return ExactInverseResult(
-        images=y.reshape(num, *input_shape).to(anchors.dtype),
-        layer_residuals=residuals,
-        reachable=~(unreachable | clipped),
-        clipped=clipped,
-        activation_clipped=activation_clipped,
-        output_residual=output_residual,
-    )
-
-
-# --------------------------------------------------------------------------------------------
 # The whole analysis
 # --------------------------------------------------------------------------------------------
 
 PINV = "pinv"
+PINV_BOX = "pinv_box"
+#: The methods that need an invertible network (:func:`invertible_chain`).
+EXACT_METHODS: tuple[str, ...] = (PINV, PINV_BOX)
 _TRAINING = "+training"
 VALID_METHODS: tuple[str, ...] = (
     *(m.value for m in StartMethod),
     *(m.value + _TRAINING for m in StartMethod),
-    PINV,
+    *EXACT_METHODS,
 )
+#: Pixels this far (fraction of the data range's width) outside it still count as inside:
+#: float rounding of the normalization.
+_RANGE_SLACK = 1e-6
 
 
 @dataclass
@@ -603,18 +441,36 @@ class InverseImagesResult:
 
     Attributes:
         targets: ``(K, K)`` the target outputs (row = class).
-        images: method → ``(K, C, H, W)``.
-        metrics: one dict per (method, class), methods in the requested order:
-            ``{class, method, predicted_class, target_mse, distance_from_average, reachable}``
-            (``distance_from_average`` = ``‖x − class avg‖ / ‖class avg‖``; ``reachable`` is a
-            bool for ``pinv`` and None for the other methods).
-        losses: method → loss history of each "+training" method.
+        images: method → ``(K, C, H, W)`` model inputs.
+        metrics: one dict per (method, class), methods in the requested order. Every dict has:
+
+            * ``class``, ``method``;
+            * ``predicted_class``: the argmax of the model's output on the image;
+            * ``target_mse``: ``mean_j (f(x)_j − t_j)²``, the model run as given (its dtype);
+            * ``output_error``: ``‖f(x) − t‖ / ‖t‖``, the same evaluation (relative);
+            * ``distance_from_average``: ``‖x − class avg‖ / ‖class avg‖`` (model inputs);
+            * ``pixel_min``, ``pixel_max``: the image's extremes in pixel units (normalization
+              undone);
+            * ``in_data_range``: every pixel within ``data_range`` (to 1e-6 of its width);
+            * ``reachable``: for ``pinv`` / ``pinv_box`` an :class:`InverseStatus` value:
+              ``"reached"`` (an input, in the data range for ``pinv_box``, reproduces the target
+              to the tolerance, judged in float64 before rounding to the model's dtype),
+              ``"not_found"`` (the search failed: nothing is claimed) or ``"unreachable"``
+              (proved); None for the other methods;
+            * ``solver``: ``pinv``: ``"layerwise"`` or ``"gauss_newton"``; ``pinv_box``:
+              ``"projected_lm"``; None for the other methods.
+
+        losses: method → loss history of each ``+training`` method.
+        exact: the exact inverse's details (``pinv`` or ``pinv_box`` requested), else None.
+        box: the box search's details (``pinv_box`` requested), else None.
     """
 
     targets: Tensor
     images: dict[str, Tensor]
     metrics: list[dict[str, object]]
     losses: dict[str, list[float]] = field(default_factory=dict)
+    exact: ExactInverseResult | None = None
+    box: BoxInverseResult | None = None
 
 
 def _parse_methods(methods: Sequence[str]) -> list[str]:
@@ -631,6 +487,58 @@ def _parse_methods(methods: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(methods))
 
 
+class MeanStd(Protocol):
+    """Anything with per-channel ``mean`` and ``std`` (e.g. a ``ChannelNormalization``)."""
+
+    @property
+    def mean(self) -> Sequence[float]: ...
+
+    @property
+    def std(self) -> Sequence[float]: ...
+
+
+#: How pixels became model inputs, ``x = (pixel − mean) / std``: an object with ``mean`` and
+#: ``std``, or a ``(mean, std)`` pair; one value per channel, or one for all.
+Normalization = MeanStd | tuple[Sequence[float], Sequence[float]]
+
+
+def _pixel_affine(
+    normalization: Normalization | None, channels: int, device: torch.device
+) -> tuple[Tensor, Tensor]:
+    """``(mean, std)`` float64 ``(C, 1, 1)``: pixels = model input · std + mean."""
+    if normalization is None:
+        mean, std = [0.0], [1.0]
+    elif isinstance(normalization, tuple):
+        mean, std = [float(v) for v in normalization[0]], [float(v) for v in normalization[1]]
+    else:
+        mean, std = [float(v) for v in normalization.mean], [float(v) for v in normalization.std]
+    if len(mean) != len(std) or len(mean) not in (1, channels):
+        raise ValueError(
+            f"normalization needs 1 or {channels} means and as many stds, "
+            f"got {len(mean)} and {len(std)}"
+        )
+    if any(not math.isfinite(v) for v in (*mean, *std)) or any(v == 0 for v in std):
+        raise ValueError(f"normalization must be finite with non-zero stds, got {normalization}")
+    shape = (len(mean), 1, 1)
+    return (
+        torch.tensor(mean, dtype=torch.float64, device=device).reshape(shape),
+        torch.tensor(std, dtype=torch.float64, device=device).reshape(shape),
+    )
+
+
+def _input_box(
+    normalization: Normalization | None,
+    data_range: tuple[float, float],
+    channels: int,
+    device: torch.device,
+) -> tuple[Tensor, Tensor]:
+    """The data range in model-input units: ``(low, high)``, each float64 ``(C, 1, 1)``."""
+    mean, std = _pixel_affine(normalization, channels, device)
+    a, b = (data_range[0] - mean) / std, (data_range[1] - mean) / std
+    # A negative std flips the interval.
+    return torch.minimum(a, b), torch.maximum(a, b)
+
+
 def inverse_images(
     model: nn.Module,
     images: Tensor,
@@ -644,43 +552,71 @@ def inverse_images(
         "min+training",
         "avg_min+training",
         "pinv",
+        "pinv_box",
     ),
-    target_mode: TargetMode = TargetMode.MINMAX,
-    steps: int = 200,
-    lr: float = 0.01,
-    optimizer: Literal["adam", "sgd"] = "adam",
+    target_mode: TargetMode | str = TargetMode.MINMAX,
+    recipe: RefineRecipe | str = RefineRecipe.DEEPSCOPE,
+    steps: int | None = None,
+    lr: float | None = None,
+    optimizer: Optimizer | None = None,
     clamp: tuple[float, float] | None = None,
     progress: ProgressFn | None = None,
     fraction: float = 0.25,
+    normalization: Normalization | None = None,
+    data_range: tuple[float, float] = (0.0, 1.0),
+    tolerance: float = REACH_TOLERANCE,
+    pinv_iterations: int = 1000,
+    box_iterations: int = 200,
 ) -> InverseImagesResult:
     """The paper's ideal input images of every class.
 
     Scores the training images (batched, no gradients), sets the targets
     (:func:`output_targets`), then for each method: a start image (``avg``, ``min``,
-    ``avg_min``), a start refined by input optimization (``X+training``), or the exact inverse
-    (``pinv``, invertible networks only, anchored at the class averages).
+    ``avg_min``), a start refined by input optimization (``X+training``), the exact inverse
+    (``pinv``) or the nearest reachable output within the data range (``pinv_box``); the last
+    two need an invertible network (Linear + invertible activations) and start from the class
+    averages.
 
     Args:
         model: the classifier; computation runs on its device.
         images: ``(N, C, H, W)`` training images (model inputs); labels ``(N,)`` in ``0..K-1``.
-        methods: any of ``avg, min, avg_min, avg+training, min+training, avg_min+training,
-            pinv``.
-        target_mode, steps, lr, optimizer, clamp: see :func:`output_targets` and :func:`refine`.
+        methods: any of :data:`VALID_METHODS`.
+        target_mode: see :func:`output_targets` (``minmax``, ``percentile``, ``paper``,
+            ``paper_percentile``).
+        recipe: the ``+training`` defaults (:data:`RECIPES`): ``deepscope`` Adam, lr 0.01, 200
+            steps; ``paper`` SGD, lr 1e-4, 100 steps. ``steps``, ``lr``, ``optimizer`` override
+            the recipe's when given.
+        clamp: see :func:`refine` (model-input units).
         progress: called with (fraction done over all methods, current loss).
         fraction: the share of closest images ``avg_min`` averages.
+        normalization: how pixels became model inputs, ``x = (pixel − mean) / std``: an object
+            with per-channel ``mean`` and ``std`` (e.g. the loaded model's
+            ``ChannelNormalization``) or a ``(mean, std)`` pair; None: the model takes pixels.
+        data_range: the pixel range of the data, ``(low, high)``: the box of ``pinv_box`` and
+            the ``in_data_range`` metric.
+        tolerance: relative output error at which ``pinv`` / ``pinv_box`` count as reached.
+        pinv_iterations: search steps per class of ``pinv`` (:func:`exact_inverse`).
+        box_iterations: search steps per class and start of ``pinv_box`` (:func:`box_inverse`).
 
     Returns:
         targets, images per method (on the model's device) and metrics per (method, class).
     """
     wanted = _parse_methods(methods)
     target_mode = TargetMode(target_mode)
+    settings = RECIPES[_recipe(recipe)]
+    steps = settings.steps if steps is None else steps
+    lr = settings.lr if lr is None else lr
+    optimizer = settings.optimizer if optimizer is None else optimizer
     if steps <= 0 and any(m.endswith(_TRAINING) for m in wanted):
         raise ValueError(f"steps must be positive, got {steps}")
-    chain = invertible_chain(model) if PINV in wanted else None
-    if PINV in wanted and chain is None:
+    if not data_range[0] < data_range[1]:
+        raise ValueError(f"data_range must be (low, high) with low < high, got {data_range}")
+    exact_wanted = [m for m in wanted if m in EXACT_METHODS]
+    chain = invertible_chain(model) if exact_wanted else None
+    if exact_wanted and chain is None:
         raise ValueError(
-            "method 'pinv' needs an invertible network (Linear + invertible activations); "
-            f"this model has {_why_not_invertible(model)}"
+            f"method {exact_wanted[0]!r} needs an invertible network (Linear + invertible "
+            f"activations); this model has {why_not_invertible(model)}"
         )
     if images.ndim != 4:
         raise ValueError(f"images must be (N, C, H, W), got {tuple(images.shape)}")
@@ -690,7 +626,9 @@ def inverse_images(
     labels = _check_labels(images, labels, num_classes)
     targets = output_targets(scores, target_mode)
     device = _model_device(model, images.device)
-    averages = class_averages(images, labels, num_classes)
+    averages = class_averages(images, labels, num_classes).to(device)
+    input_shape = tuple(images.shape[1:])
+    box_low, box_high = _input_box(normalization, data_range, input_shape[0], device)
 
     units = {m: steps if m.endswith(_TRAINING) else 1 for m in wanted}
     total, done = sum(units.values()), 0
@@ -702,19 +640,41 @@ def inverse_images(
     starts: dict[StartMethod, Tensor] = {}
     results: dict[str, Tensor] = {}
     losses: dict[str, list[float]] = {}
-    reachable: dict[int, bool] | None = None
+    status: dict[str, list[InverseStatus]] = {}
+    solvers: dict[str, list[str]] = {}
+    exact: ExactInverseResult | None = None
+    box: BoxInverseResult | None = None
     for method in wanted:
-        if method == PINV:
+        if method in EXACT_METHODS:
             assert chain is not None
-            inverse = exact_inverse(
-                chain,
-                targets.to(device),
-                averages.to(device),
-                tuple(images.shape[1:]),
-                names=_chain_names(model),
-            )
-            results[method] = inverse.images
-            reachable = {c: bool(inverse.reachable[c]) for c in range(num_classes)}
+            if exact is None:
+                exact = exact_inverse(
+                    chain,
+                    targets.to(device),
+                    averages,
+                    input_shape,
+                    names=chain_names(model),
+                    tolerance=tolerance,
+                    max_iterations=pinv_iterations,
+                )
+            if method == PINV:
+                results[method] = exact.images
+                status[method], solvers[method] = exact.status, exact.solver
+            else:
+                box = box_inverse(
+                    chain,
+                    targets.to(device),
+                    [averages, exact.images64],
+                    input_shape,
+                    box_low,
+                    box_high,
+                    tolerance=tolerance,
+                    max_iterations=box_iterations,
+                    unreachable=[s is InverseStatus.UNREACHABLE for s in exact.status],
+                )
+                results[method] = box.images.to(averages.dtype)
+                status[method] = box.status
+                solvers[method] = ["projected_lm"] * num_classes
         else:
             start = StartMethod(method.removesuffix(_TRAINING))
             if start not in starts:
@@ -745,8 +705,19 @@ def inverse_images(
             out = _model_scores(model, results[method])
             report(done, float(((out - targets.to(out)) ** 2).mean()))
 
-    metrics = _metrics(model, targets.to(device), averages.to(device), results, reachable)
-    return InverseImagesResult(targets=targets, images=results, metrics=metrics, losses=losses)
+    metrics = _metrics(
+        model,
+        targets.to(device),
+        averages,
+        results,
+        status,
+        solvers,
+        _pixel_affine(normalization, input_shape[0], device),
+        data_range,
+    )
+    return InverseImagesResult(
+        targets=targets, images=results, metrics=metrics, losses=losses, exact=exact, box=box
+    )
 
 
 def _metrics(
@@ -754,15 +725,28 @@ def _metrics(
     targets: Tensor,
     averages: Tensor,
     results: dict[str, Tensor],
-    reachable: dict[int, bool] | None,
+    status: dict[str, list[InverseStatus]],
+    solvers: dict[str, list[str]],
+    pixel: tuple[Tensor, Tensor],
+    data_range: tuple[float, float],
 ) -> list[dict[str, object]]:
-    avg_norm = _per_class_norm(averages)
+    avg_norm = torch.linalg.vector_norm(averages.flatten(1), dim=1)
+    mean, std = pixel
+    slack = _RANGE_SLACK * (data_range[1] - data_range[0])
     metrics: list[dict[str, object]] = []
     for method, found in results.items():
         out = _model_scores(model, found)
-        mse = ((out - targets.to(out)) ** 2).mean(dim=1)
+        target = targets.to(out)
+        mse = ((out - target) ** 2).mean(dim=1)
+        miss = torch.linalg.vector_norm(out - target, dim=1)
+        t_norm = torch.linalg.vector_norm(target, dim=1)
+        relative = torch.where(t_norm > 0, miss / t_norm.clamp(min=1e-30), miss)
         predicted = out.argmax(dim=1)
-        distance = _per_class_norm(found - averages.to(found)) / avg_norm.clamp(min=1e-12)
+        distance = torch.linalg.vector_norm(
+            (found - averages.to(found)).flatten(1), dim=1
+        ) / avg_norm.clamp(min=1e-12)
+        pixels = (found.to(torch.float64) * std + mean).flatten(1)
+        low, high = pixels.min(dim=1).values, pixels.max(dim=1).values
         for c in range(found.shape[0]):
             metrics.append(
                 {
@@ -770,10 +754,16 @@ def _metrics(
                     "method": method,
                     "predicted_class": int(predicted[c]),
                     "target_mse": float(mse[c]),
+                    "output_error": float(relative[c]),
                     "distance_from_average": float(distance[c]),
-                    "reachable": (
-                        reachable[c] if method == PINV and reachable is not None else None
+                    "pixel_min": float(low[c]),
+                    "pixel_max": float(high[c]),
+                    "in_data_range": bool(
+                        float(low[c]) >= data_range[0] - slack
+                        and float(high[c]) <= data_range[1] + slack
                     ),
+                    "reachable": status[method][c].value if method in status else None,
+                    "solver": solvers[method][c] if method in solvers else None,
                 }
             )
     return metrics

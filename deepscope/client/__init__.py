@@ -6,22 +6,24 @@ progress bar, predicts, and downloads results; the ``deepscope submit | wait | p
 """
 
 from deepscope.client.sdk import DEFAULT_URL, Client, DeepscopeError, resolve_credentials
-from deepscope.service.schemas import (
-    ArtifactOut,
+from deepscope.contract import (
+    Artifact,
     DatasetOut,
     GeneratedPrediction,
     GeneratedPredictions,
+    JobError,
     JobOut,
-    JobResultOut,
+    JobStatus,
     ModelOut,
+    ModelStatus,
     Prediction,
+    Result,
     TopK,
 )
-from deepscope.store.records import JobError, JobStatus, ModelStatus
 
 __all__ = [
     "DEFAULT_URL",
-    "ArtifactOut",
+    "Artifact",
     "Client",
     "DatasetOut",
     "DeepscopeError",
@@ -29,11 +31,11 @@ __all__ = [
     "GeneratedPredictions",
     "JobError",
     "JobOut",
-    "JobResultOut",
     "JobStatus",
     "ModelOut",
     "ModelStatus",
     "Prediction",
+    "Result",
     "TopK",
     "resolve_credentials",
 ]

@@ -31,20 +31,22 @@ import httpx
 import numpy as np
 from pydantic import ValidationError
 
-from deepscope.manifest import Manifest, ModelFormat, manifest_path_for
-from deepscope.service.schemas import (
+from deepscope.contract import (
     DatasetList,
     DatasetOut,
     JobList,
     JobOut,
+    JobStatus,
     LinkOut,
     ModelList,
     ModelOut,
+    ModelStatus,
     Prediction,
+    PredictMetrics,
     PredictOut,
     ReadyOut,
 )
-from deepscope.store.records import JobStatus, ModelStatus
+from deepscope.manifest import Manifest, ModelFormat, manifest_path_for
 
 __all__ = [
     "DEFAULT_URL",
@@ -186,6 +188,14 @@ class Client:
         link = LinkOut.model_validate(self._json("GET", "/v1/ui/link", params=params))
         return self.url + link.url
 
+    def report_html(self, job: str | JobOut, *, standalone: bool = True) -> str:
+        """A job's report page (HTML). ``standalone`` (the default): one self-contained file,
+        pictures, charts and their data inside, that opens from disk with no server (e.g. an
+        artifact of a CI run); else the page as the service shows it, whose pictures are links
+        to the service."""
+        params = {"standalone": "true"} if standalone else {}
+        return self._request("GET", f"/v1/jobs/{_id(job)}/report", params=params).text
+
     # --- models ---------------------------------------------------------------------------
 
     def upload_model(
@@ -304,7 +314,7 @@ class Client:
             return PredictOut.model_validate(resp.json()).predictions
         job = self.wait(JobOut.model_validate(resp.json()), progress=False, timeout=timeout)
         assert job.result is not None
-        return [Prediction.model_validate(p) for p in job.result.metrics["predictions"]]
+        return job.result.metrics_as(PredictMetrics).predictions
 
     @staticmethod
     def _image_files(images: ImagesArg, stack: ExitStack) -> list[tuple[str, Any]]:

@@ -21,10 +21,9 @@ import torch.nn.functional as F
 from numpy.typing import NDArray
 from torch import Tensor
 
-from deepscope.catalog import FASHION_MNIST_CLASSES
+from deepscope.catalog import BUILTIN_DATASETS, FASHION_MNIST_CLASSES
 
 __all__ = [
-    "BUILTIN_DATASETS",
     "DEFAULT_FASHION_MNIST_DIR",
     "FASHION_MNIST_CLASSES",
     "FASHION_MNIST_ENV",
@@ -38,7 +37,6 @@ __all__ = [
 
 Split = Literal["train", "test"]
 
-BUILTIN_DATASETS: tuple[str, ...] = ("digits", "fashion-mnist")
 FASHION_MNIST_ENV = "DEEPSCOPE_FASHION_MNIST_DIR"
 #: Where Debian's ``dataset-fashion-mnist`` package installs the files.
 DEFAULT_FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")

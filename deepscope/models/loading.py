@@ -6,7 +6,8 @@ Formats are told apart by content, never by file name (:func:`detect_format`):
   and the tensors are loaded into it (``torch.load(weights_only=True)``: a pickle that needs code
   is refused, never run);
 * a ``torch.export`` program (``.pt2``) and a TorchScript archive carry code and are refused
-  unless ``allow_code`` (DESIGN.md, security model).
+  unless ``allow_code`` (loading them runs the file's code: ``docs/architecture.md``,
+  security).
 
 Whatever the format, :attr:`LoadedModel.layers` names every Linear and Conv2d layer exactly as
 the eager module does (``layer1.0.conv1``), so analyses and their cached results agree across
@@ -37,6 +38,7 @@ from torch.utils.hooks import RemovableHandle
 
 from deepscope.analysis.hooks import Where, capture_activations, eval_mode, resolve_modules
 from deepscope.analysis.layers import LayerKind, WeightLayer, finite_or_raise, weight_layers
+from deepscope.analysis.normalization import ChannelNormalization
 from deepscope.manifest import Manifest, ModelFormat, manifest_path_for
 from deepscope.models.registry import get_model, get_model_spec
 
@@ -96,6 +98,12 @@ class LoadedModel:
     manifest: Manifest
     sha256: str
     num_parameters: int
+
+    @property
+    def normalization(self) -> ChannelNormalization:
+        """The manifest's input normalization, expanded to the model's channels."""
+        norm = self.manifest.normalization
+        return ChannelNormalization.of(norm.mean, norm.std, self.input_shape[0])
 
 
 # --------------------------------------------------------------------------- format detection

@@ -12,9 +12,10 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import nn
 
 from deepscope.analysis.hooks import eval_mode
+from deepscope.analysis.normalization import ChannelNormalization
 from deepscope.manifest import (
     Manifest,
     ModelFormat,
@@ -87,21 +88,11 @@ def _model_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-def _normalizer(
-    normalization: Normalization | None, channels: int, device: torch.device
-) -> tuple[Tensor, Tensor]:
-    """(mean, std), each (1, C, 1, 1) on ``device``; identity for ``None``."""
+def _normalizer(normalization: Normalization | None, channels: int) -> ChannelNormalization:
+    """The images' normalization; identity for ``None``."""
     if normalization is None:
-        mean, std = [0.0], [1.0]
-    else:
-        mean, std = normalization.mean, normalization.std
-    if len(mean) not in (1, channels):
-        raise ValueError(f"normalization has {len(mean)} channel(s) but the images have {channels}")
-    shape = (1, len(mean), 1, 1)
-    return (
-        torch.tensor(mean, dtype=torch.float32, device=device).reshape(shape),
-        torch.tensor(std, dtype=torch.float32, device=device).reshape(shape),
-    )
+        return ChannelNormalization.identity(channels)
+    return ChannelNormalization.of(normalization.mean, normalization.std, channels)
 
 
 @torch.no_grad()
@@ -121,13 +112,13 @@ def evaluate(
     if batch_size <= 0:
         raise ValueError(f"batch_size must be positive, got {batch_size}")
     device = _model_device(model)
-    mean, std = _normalizer(normalization, ds.input_shape[0], device)
+    norm = _normalizer(normalization, ds.input_shape[0])
     correct = 0
     with eval_mode(model):
         for start in range(0, len(ds), batch_size):
             x = ds.images[start : start + batch_size].to(device)
             y = ds.labels[start : start + batch_size].to(device)
-            logits = model((x - mean) / std)
+            logits = model(norm.normalize(x))
             correct += int((logits.argmax(dim=1) == y).sum())
     return correct / len(ds)
 
@@ -164,7 +155,7 @@ def train(
     config = _RECIPES[recipe]
     dev = torch.device(device)
     model.to(dev)
-    mean, std = _normalizer(normalization, train.input_shape[0], dev)
+    norm = _normalizer(normalization, train.input_shape[0])
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -186,7 +177,7 @@ def train(
                 idx = order[first : first + config.batch_size]
                 x = train.images[idx].to(dev, non_blocking=True)
                 y = train.labels[idx].to(dev, non_blocking=True)
-                loss = F.cross_entropy(model((x - mean) / std), y)
+                loss = F.cross_entropy(model(norm.normalize(x)), y)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()  # type: ignore[no-untyped-call]
                 optimizer.step()

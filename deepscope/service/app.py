@@ -12,6 +12,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from deepscope import __version__
+from deepscope.contract.errors import describe_errors
 from deepscope.service.deps import ServiceState
 from deepscope.service.links import LinkSigner
 from deepscope.service.metrics import Metrics, MetricsMiddleware
@@ -31,14 +32,6 @@ images, input optimization) as jobs, fetch metrics and pictures.
 
 Authenticate with `Authorization: Bearer KEY`. Errors are `{"detail": "..."}`.
 """
-
-
-def _validation_detail(exc: RequestValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err.get("loc", ())]
-        parts.append(f"{'.'.join(loc) or 'request'}: {err.get('msg', 'invalid')}")
-    return "; ".join(parts) or "invalid request"
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
@@ -70,8 +63,15 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
         signer=LinkSigner(keys),
     )
     app.add_middleware(MetricsMiddleware, metrics=metrics)
-    for module in (models, datasets, jobs, artifacts, health, ui):
-        app.include_router(module.router)
+    for router in (
+        models.router,
+        datasets.router,
+        jobs.build_router(),
+        artifacts.router,
+        health.router,
+        ui.router,
+    ):
+        app.include_router(router)
 
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -81,7 +81,7 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": _validation_detail(exc)}, status_code=422)
+        return JSONResponse({"detail": describe_errors(exc.errors())}, status_code=422)
 
     @app.exception_handler(MultipartError)
     async def _multipart(request: Request, exc: MultipartError) -> JSONResponse:

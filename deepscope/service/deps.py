@@ -10,11 +10,10 @@ from typing import Annotated, Any
 
 from fastapi import Depends, HTTPException, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from pydantic import ValidationError
 
+from deepscope.contract import ErrorOut
 from deepscope.service.links import DEFAULT_TTL_S, LinkError, LinkSigner
 from deepscope.service.metrics import Metrics
-from deepscope.service.schemas import ErrorOut
 from deepscope.settings import Settings
 from deepscope.store.backend import Backend
 
@@ -24,7 +23,6 @@ __all__ = [
     "ServiceState",
     "State",
     "Tenant",
-    "describe_validation_error",
     "errors",
     "get_state",
     "key_or_link",
@@ -146,15 +144,3 @@ def errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 def not_found(what: str, ident: str) -> HTTPException:
     return HTTPException(404, f"{what} {ident} not found")
-
-
-def describe_validation_error(exc: ValidationError, *, skip_tag: bool = False) -> str:
-    """``field.sub: problem; ...`` (for a tagged union, without the tag)."""
-    parts = []
-    for err in exc.errors():
-        loc = [str(p) for p in err["loc"]]
-        if skip_tag and len(loc) > 1:
-            loc = loc[1:]
-        where = ".".join(loc) or "value"
-        parts.append(f"{where}: {err['msg']}")
-    return "; ".join(parts)

@@ -3,12 +3,20 @@
 Pure functions from the API's views (:class:`JobOut`, :class:`ModelOut`) to what the Jinja2
 templates in ``templates/`` show; every value is escaped by Jinja2 (autoescape on). Picture URLs
 get a signed link (:mod:`deepscope.service.links`) so that the browser can load them.
+
+A report with spectra also carries them as JSON (:func:`chart_data`, :func:`script_json`) that
+``static/report.js`` draws with the vendored uPlot. The self-contained variant of a report
+(:func:`standalone_assets`, :func:`data_uri`) inlines its scripts, styles and pictures, so that
+the saved file opens from disk with no server.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -17,20 +25,32 @@ from pathlib import Path
 from typing import Any
 
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from markupsafe import Markup
 
-from deepscope.service.schemas import ArtifactOut, JobOut, ModelOut
+from deepscope.contract import Artifact, JobOut, ModelOut
+from deepscope.contract.tables import Table, fmt
 
 __all__ = [
+    "CHART_SCRIPTS",
     "HTML_HEADERS",
+    "PROFILE_POINTS",
     "Figure",
-    "Table",
+    "Script",
+    "StandaloneAssets",
+    "chart_css",
+    "chart_data",
+    "data_uri",
     "downloads",
     "figures",
-    "fmt",
-    "metric_tables",
     "model_label",
     "prediction_table",
     "render_page",
+    "script_json",
+    "served_scripts",
+    "spectrum_of",
+    "standalone_assets",
+    "static_media_type",
+    "static_text",
 ]
 
 #: Headers of every page: no scripts but our own, pictures only from here, no Referer (the
@@ -44,6 +64,7 @@ HTML_HEADERS = {
 }
 
 _TEMPLATES = Path(__file__).parent / "templates"
+_STATIC = Path(__file__).parent / "static"
 
 
 @cache
@@ -70,37 +91,6 @@ def _when(value: datetime | None) -> str:
     return value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def fmt(value: Any, key: str = "") -> str:
-    """One table cell: floats to 4 significant digits; a missing condition number is ∞."""
-    if value is None:
-        return "∞" if "condition" in key else "—"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
-            return f"{value:.3e}"
-        return f"{value:.4g}"
-    if isinstance(value, list):
-        if all(isinstance(v, int | float) and not isinstance(v, bool) for v in value):
-            return "×".join(str(v) for v in value) if len(value) <= 4 else f"[{len(value)} values]"
-        return f"[{len(value)} items]"
-    if isinstance(value, dict):
-        return json.dumps(value, sort_keys=True)
-    return str(value)
-
-
-@dataclass
-class Table:
-    title: str
-    columns: list[str]
-    rows: list[list[str]]
-    note: str = ""
-    #: Row indices to highlight (e.g. a layer over a threshold).
-    marked: set[int] = field(default_factory=set)
-
-
 @dataclass
 class Figure:
     name: str
@@ -108,141 +98,8 @@ class Figure:
     description: str
 
 
-def _is_scalar(value: Any) -> bool:
-    return value is None or isinstance(value, str | int | float | bool)
-
-
-def _generic_table(title: str, rows: Sequence[dict[str, Any]]) -> Table:
-    """Columns: every key whose values are scalars or short shapes, in first-seen order."""
-    columns: list[str] = []
-    for row in rows:
-        for key, value in row.items():
-            short_list = isinstance(value, list) and len(value) <= 4
-            if key not in columns and (_is_scalar(value) or short_list):
-                columns.append(key)
-    body = [[fmt(row.get(c), c) for c in columns] for row in rows]
-    return Table(title, [c.replace("_", " ") for c in columns], body)
-
-
-def _signal_space(metrics: dict[str, Any]) -> list[Table]:
-    layers = metrics.get("layers") or []
-    rows = []
-    for layer in layers:
-        sv = layer.get("singular_values") or []
-        rows.append(
-            [
-                fmt(layer.get("name")),
-                fmt(layer.get("kind")),
-                fmt(layer.get("view")),
-                fmt(layer.get("matrix_shape")),
-                fmt(layer.get("rank")),
-                fmt(layer.get("condition_number"), "condition_number"),
-                fmt(layer.get("stable_rank")),
-                fmt(layer.get("spectral_norm")),
-                fmt(float(sv[-1]) if sv else None),
-            ]
-        )
-    columns = [
-        "layer",
-        "kind",
-        "view",
-        "matrix",
-        "rank",
-        "condition number",
-        "stable rank",
-        "spectral norm",
-        "smallest σ",
-    ]
-    note = (
-        "condition number σ₁/σₙ (∞: singular); stable rank ‖W‖²_F/‖W‖²₂; "
-        "the full spectra are in result.json and the plots below"
-    )
-    return [Table("Signal spaces: one row per layer", columns, rows, note)]
-
-
-def _residuals(metrics: dict[str, Any]) -> list[Table]:
-    layers = metrics.get("layers") or []
-    summary = []
-    for layer in layers:
-        classes = layer.get("classes") or []
-        lost = [float(c["lost_fraction"]) for c in classes if c.get("lost_fraction") is not None]
-        worst = max(classes, key=lambda c: c.get("lost_fraction") or 0.0) if classes else {}
-        summary.append(
-            [
-                fmt(layer.get("name")),
-                fmt(layer.get("kind")),
-                fmt(layer.get("input_shape")),
-                fmt(sum(lost) / len(lost) if lost else None),
-                fmt(max(lost) if lost else None),
-                fmt(worst.get("class")),
-            ]
-        )
-    tables = [
-        Table(
-            "Residuals: share of each layer's input it cannot see (null space)",
-            ["layer", "kind", "input", "mean lost fraction", "max lost fraction", "worst class"],
-            summary,
-            "lost fraction ‖x − P_row(W)x‖² / ‖x‖²",
-        )
-    ]
-    for layer in layers:
-        rows = [
-            [
-                fmt(c.get("class")),
-                fmt(c.get("input_norm")),
-                fmt(c.get("residual_norm")),
-                fmt(c.get("lost_fraction")),
-                fmt(c.get("projection_relative_error")),
-            ]
-            for c in layer.get("classes") or []
-        ]
-        tables.append(
-            Table(
-                f"{layer.get('name')}: per class",
-                ["class", "input norm", "residual norm", "lost fraction", "projection rel. error"],
-                rows,
-            )
-        )
-    return tables
-
-
-_SPECIFIC = {"signal_space": _signal_space, "residuals": _residuals}
-
-
-def metric_tables(analysis: str, metrics: dict[str, Any]) -> list[Table]:
-    """The metrics as tables: the known analyses laid out for reading, any other list of
-    records as a generic table, the remaining scalars as one summary table."""
-    tables = _SPECIFIC[analysis](metrics) if analysis in _SPECIFIC else []
-    handled = {"layers"} if analysis in _SPECIFIC else set()
-    scalars: list[list[str]] = []
-    for key, value in metrics.items():
-        if key in handled:
-            continue
-        if isinstance(value, list) and value and all(isinstance(v, dict) for v in value):
-            if analysis == "predict" and key == "predictions":
-                tables.append(_predict_table(value))
-            else:
-                tables.append(_generic_table(key.replace("_", " "), value))
-        elif _is_scalar(value) or (isinstance(value, list) and all(map(_is_scalar, value))):
-            shown = ", ".join(fmt(v) for v in value) if isinstance(value, list) else fmt(value)
-            scalars.append([key.replace("_", " "), shown])
-    if scalars:
-        tables.insert(0, Table("Summary", ["metric", "value"], scalars))
-    return tables
-
-
 def _top(top_k: list[dict[str, Any]]) -> str:
     return ", ".join(f"{t.get('class')} {float(t.get('probability', 0.0)):.1%}" for t in top_k)
-
-
-def _predict_table(predictions: list[dict[str, Any]]) -> Table:
-    rows = []
-    for i, pred in enumerate(predictions):
-        top_k = pred.get("top_k") or [{}]
-        rows.append(
-            [str(i), fmt(top_k[0].get("class")), fmt(top_k[0].get("probability")), _top(top_k)]
-        )
-    return Table("Predictions", ["image", "class", "probability", "top classes"], rows)
 
 
 def prediction_table(job: JobOut) -> Table | None:
@@ -269,7 +126,7 @@ def prediction_table(job: JobOut) -> Table | None:
     )
 
 
-def figures(artifacts: Sequence[ArtifactOut], query: str) -> tuple[list[Figure], list[Figure]]:
+def figures(artifacts: Sequence[Artifact], query: str) -> tuple[list[Figure], list[Figure]]:
     """(spectrum plots, other pictures) with signed URLs."""
     spectra: list[Figure] = []
     pictures: list[Figure] = []
@@ -281,7 +138,7 @@ def figures(artifacts: Sequence[ArtifactOut], query: str) -> tuple[list[Figure],
     return spectra, pictures
 
 
-def downloads(artifacts: Sequence[ArtifactOut], query: str) -> list[Figure]:
+def downloads(artifacts: Sequence[Artifact], query: str) -> list[Figure]:
     return [
         Figure(a.name, f"{a.url}?{query}", a.description or a.media_type)
         for a in artifacts
@@ -291,3 +148,208 @@ def downloads(artifacts: Sequence[ArtifactOut], query: str) -> list[Figure]:
 
 def model_label(model: ModelOut | None, model_id: str) -> str:
     return model.name if model is not None else f"model {model_id[:8]} (deleted)"
+
+
+# --- interactive spectra ----------------------------------------------------------------------
+
+#: Most singular values of one layer that a page gets: as many as the bounded results'
+#: ``spectrum.profile`` holds; the full lists of older results are thinned to it, so that a deep
+#: model's page stays small.
+PROFILE_POINTS = 256
+
+#: The scripts of a report with charts, in the order they must run (report.js needs uPlot).
+CHART_SCRIPTS = ("uplot.iife.min.js", "report.js")
+
+#: What ``static/`` holds for pages: the only names the API serves from it.
+_STATIC_MEDIA = {
+    "ui.js": "text/javascript",
+    "report.js": "text/javascript",
+    "uplot.iife.min.js": "text/javascript",
+    "uplot.min.css": "text/css",
+}
+
+
+def _finite(value: Any) -> float | None:
+    """A JSON number, or None for anything else (JSON has no NaN nor ∞: they become null)."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    number = float(value)
+    return number if math.isfinite(number) else None
+
+
+def _short(value: Any) -> float | None:
+    # 6 significant digits: the page shows 4, and the JSON of a deep model's spectra halves.
+    number = _finite(value)
+    return None if number is None else float(f"{number:.6g}")
+
+
+def _profile_indices(count: int, points: int = PROFILE_POINTS) -> list[int]:
+    """Every index when ``count <= points``, else ``points`` evenly spaced ones from the first to
+    the last (how the bounded results pick their profile)."""
+    if count <= points:
+        return list(range(count))
+    return sorted({round(k * (count - 1) / (points - 1)) for k in range(points)})
+
+
+def spectrum_of(layer: dict[str, Any]) -> dict[str, Any] | None:
+    """A layer's spectrum as the page draws it: ``{count, max, min, profile: {indices, values}}``
+    (the singular values at those 0-based indices, descending).
+
+    Taken from the layer's ``spectrum`` (bounded results); for results made before those,
+    thinned from the full ``singular_values``. None without either, or when it does not hold
+    together (indices and values of different lengths, indices out of range)."""
+    spectrum = layer.get("spectrum")
+    if isinstance(spectrum, dict):
+        count = spectrum.get("count")
+        profile = spectrum.get("profile")
+        if isinstance(count, bool) or not isinstance(count, int) or not isinstance(profile, dict):
+            return None
+        indices, values = profile.get("indices"), profile.get("values")
+        if not isinstance(indices, list) or not isinstance(values, list):
+            return None
+        if len(indices) != len(values) or not all(
+            isinstance(i, int) and not isinstance(i, bool) and 0 <= i < count for i in indices
+        ):
+            return None
+        top, bottom = spectrum.get("max"), spectrum.get("min")
+    else:
+        full = layer.get("singular_values")
+        if not isinstance(full, list):
+            return None
+        count = len(full)
+        indices = _profile_indices(count)
+        values = [full[i] for i in indices]
+        top, bottom = (full[0], full[-1]) if full else (None, None)
+    if count == 0 or not indices:
+        return None
+    shown = [_short(v) for v in values]
+    return {
+        "count": count,
+        "max": _short(top) if _finite(top) is not None else shown[0],
+        "min": _short(bottom) if _finite(bottom) is not None else shown[-1],
+        "profile": {"indices": indices, "values": shown},
+    }
+
+
+def chart_data(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """What ``static/report.js`` draws, from ``metrics.layers``: each layer that has a spectrum
+    with its ``name``, ``kind``, ``rank``, ``condition_number`` (None: unbounded) and
+    ``spectrum`` (:func:`spectrum_of`), in depth order. None when no layer has a spectrum (the
+    analysis has none to draw)."""
+    layers = metrics.get("layers")
+    if not isinstance(layers, list):
+        return None
+    drawn: list[dict[str, Any]] = []
+    for layer in layers:
+        if not isinstance(layer, dict):
+            continue
+        spectrum = spectrum_of(layer)
+        if spectrum is None:
+            continue
+        rank = layer.get("rank")
+        drawn.append(
+            {
+                "name": str(layer.get("name") or f"layer {len(drawn) + 1}"),
+                "kind": str(layer.get("kind") or ""),
+                "rank": rank if isinstance(rank, int) and not isinstance(rank, bool) else None,
+                "condition_number": _short(layer.get("condition_number")),
+                "spectrum": spectrum,
+            }
+        )
+    return {"layers": drawn} if drawn else None
+
+
+_SCRIPT_UNSAFE = str.maketrans(
+    {"<": "\\u003c", ">": "\\u003e", "&": "\\u0026", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+)
+
+
+def script_json(value: Any) -> Markup:
+    """``value`` as JSON to place inside ``<script type="application/json">``.
+
+    ``<``, ``>`` and ``&`` become ``\\u003c`` and friends (the same string to JSON.parse), so
+    that no ``</script>`` or ``<!--`` in a layer name can end the element or change how the
+    HTML parser reads it. NaN and ∞ are not JSON: pass None (:func:`chart_data` does)."""
+    text = json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+    return Markup(text.translate(_SCRIPT_UNSAFE))  # made inert just above
+
+
+# --- scripts, styles and the self-contained report ---------------------------------------------
+
+
+@dataclass(frozen=True)
+class Script:
+    """One ``<script>`` of a page: ``src`` (served by the API) or ``text`` (inlined)."""
+
+    src: str = ""
+    text: Markup = field(default_factory=Markup)
+
+
+def static_media_type(name: str) -> str | None:
+    """The media type of ``static/{name}``; None for a name the API does not serve."""
+    return _STATIC_MEDIA.get(name)
+
+
+@cache
+def static_text(name: str) -> str:
+    """``static/{name}`` (one of the served names; KeyError else)."""
+    if name not in _STATIC_MEDIA:
+        raise KeyError(name)
+    return (_STATIC / name).read_text(encoding="utf-8")
+
+
+def _inert(text: str, element: str) -> Markup:
+    """``text`` to inline between ``<{element}>`` tags. Our own files never contain the two
+    sequences that the HTML parser reacts to there; a vendored upgrade that did fails loudly
+    here (and in the tests) instead of breaking pages."""
+    if re.search(rf"</{element}|<!--", text, flags=re.IGNORECASE):
+        raise ValueError(f"a static file holds </{element} or <!--: it cannot be inlined")
+    return Markup(text)  # our own files, checked just above
+
+
+def chart_css() -> Markup:
+    """uPlot's stylesheet, for an inline ``<style>`` (the pages' CSP allows inline styles only)."""
+    return _inert(static_text("uplot.min.css"), "style")
+
+
+def served_scripts(names: Sequence[str]) -> list[Script]:
+    """``<script src>`` tags for ``static/`` files, as the live pages load them."""
+    return [Script(src=f"/v1/ui/static/{name}") for name in names]
+
+
+def _sha256_source(text: str) -> str:
+    return "'sha256-" + base64.b64encode(hashlib.sha256(text.encode()).digest()).decode() + "'"
+
+
+@dataclass(frozen=True)
+class StandaloneAssets:
+    """The inlined scripts of a self-contained page and the policy that lets only them run."""
+
+    scripts: list[Script]
+    #: For the page's ``<meta http-equiv="Content-Security-Policy">``, which applies when the
+    #: file is opened from disk: nothing may be fetched, only these scripts run.
+    meta_csp: str
+    #: The HTTP response's headers (its CSP adds frame-ancestors: a <meta> policy cannot carry
+    #: it, and the browser logs an error when it tries).
+    headers: dict[str, str]
+
+
+def standalone_assets(names: Sequence[str]) -> StandaloneAssets:
+    """The ``static/`` scripts ``names`` inlined, allowed by their hashes (no 'unsafe-inline':
+    a name or a caption that smuggled markup in still could not run a script)."""
+    texts = [_inert(static_text(name), "script") for name in names]
+    hashes = " ".join(_sha256_source(str(t)) for t in texts)
+    meta_csp = (
+        f"default-src 'none'; img-src data:; style-src 'unsafe-inline'; script-src {hashes}; "
+        "base-uri 'none'; form-action 'none'"
+    )
+    headers = {
+        **HTML_HEADERS,
+        "Content-Security-Policy": f"{meta_csp}; frame-ancestors 'none'",
+    }
+    return StandaloneAssets([Script(text=t) for t in texts], meta_csp, headers)
+
+
+def data_uri(media_type: str, data: bytes) -> str:
+    """``data:`` URL of a file, for a page that must show it without the service."""
+    return f"data:{media_type};base64,{base64.b64encode(data).decode('ascii')}"

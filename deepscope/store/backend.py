@@ -16,8 +16,11 @@ from pydantic import BaseModel
 from redis import Redis
 
 from deepscope import __version__
+from deepscope.contract.status import JobError, JobStatus, ModelStatus
 from deepscope.manifest import Manifest
 from deepscope.settings import Settings
+from deepscope.store import lifecycle
+from deepscope.store.lifecycle import PREDICT_ANALYSIS, Death, JobConflictError
 from deepscope.store.queues import (
     PREDICT,
     RUN_JOB,
@@ -25,25 +28,21 @@ from deepscope.store.queues import (
     QueueName,
     RQState,
     cancel_rq_job,
-    choose_queue,
     connect,
     enqueue,
     rq_state,
 )
 from deepscope.store.records import (
     DatasetRecord,
-    JobError,
     JobRecord,
-    JobStatus,
     ModelRecord,
-    ModelStatus,
     Records,
     cache_key,
     canonical_json,
     new_id,
     utcnow,
 )
-from deepscope.store.recovery import Death, is_crash, recover_job, recover_validation
+from deepscope.store.recovery import is_crash, recover_job, recover_validation
 from deepscope.store.storage import Storage
 
 __all__ = [
@@ -54,12 +53,7 @@ __all__ = [
     "manifest_sha256",
 ]
 
-PREDICT_ANALYSIS = "predict"
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
-
-
-class JobConflictError(ValueError):
-    """The job is already finished (HTTP 409)."""
 
 
 class QuotaExceededError(ValueError):
@@ -173,19 +167,7 @@ class Backend:
             reason = f"validation failed: {err.message}"
         else:
             return rec
-
-        def settle(current: ModelRecord) -> ModelRecord | None:
-            if (
-                current.status is not ModelStatus.VALIDATING
-                or current.validation_attempts != rec.validation_attempts
-            ):
-                return None
-            current.status = ModelStatus.INVALID
-            current.error = reason
-            current.validated_at = utcnow()
-            return current
-
-        return self.records.update_model(rec.id, settle) or rec
+        return lifecycle.settle_validation(self.records, rec, reason) or rec
 
     def delete_model(self, rec: ModelRecord) -> None:
         if self.records.delete_model(rec):
@@ -244,7 +226,9 @@ class Backend:
             )
             self.records.put_job(rec)
             return rec
-        queue = choose_queue(self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback)
+        queue = lifecycle.queue_for(
+            self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback
+        )
         rec = JobRecord(id=new_id(), queue=queue, **common)
         rec.source_job = rec.id
         # The record and the queue entry in one transaction: one round trip, and never one
@@ -342,30 +326,11 @@ class Backend:
             final = JobStatus.FAILED
         else:
             return rec, meta
-
-        def settle(current: JobRecord) -> JobRecord | None:
-            # Only the run this verdict is about: a retry queued meanwhile is left alone.
-            if current.status.terminal or current.attempts != rec.attempts:
-                return None
-            current.status = final
-            current.error = error
-            current.finished_at = utcnow()
-            return current
-
-        return self.records.update_job(rec.id, settle) or rec, meta
+        return lifecycle.settle(self.records, rec, final, error) or rec, meta
 
     def cancel_job(self, rec: JobRecord) -> JobRecord:
         """Cancel a queued job, stop a running one. JobConflictError when it already finished."""
-
-        def mark(current: JobRecord) -> JobRecord | None:
-            if current.status.terminal:
-                raise JobConflictError(f"job {current.id} already {current.status.value}")
-            current.cancel_requested = True
-            current.status = JobStatus.CANCELED
-            current.finished_at = utcnow()
-            return current
-
-        updated = self.records.update_job(rec.id, mark)
+        updated = lifecycle.cancel(self.records, rec.id)
         # A forking worker stops at once; a GPU worker (in-process) stops at its next progress
         # report, when it sees ``cancel_requested``.
         cancel_rq_job(self.redis, rec.id)

@@ -27,7 +27,6 @@ from rq.serializers import JSONSerializer
 from deepscope.settings import Settings
 
 __all__ = [
-    "GPU_ANALYSES",
     "PREDICT",
     "RUN_JOB",
     "SEED_DEMO",
@@ -37,17 +36,16 @@ __all__ = [
     "RQState",
     "alive_workers",
     "cancel_rq_job",
-    "choose_queue",
     "connect",
     "enqueue",
     "get_queue",
     "rq_state",
 ]
 
-RUN_JOB = "deepscope.workers.jobs.run_job"
-VALIDATE_MODEL = "deepscope.workers.jobs.validate_model"
-PREDICT = "deepscope.workers.jobs.predict"
-SEED_DEMO = "deepscope.workers.jobs.seed_demo"
+RUN_JOB = "deepscope.workers.analysis_job.run_job"
+VALIDATE_MODEL = "deepscope.workers.validation.validate_model"
+PREDICT = "deepscope.workers.predict.predict"
+SEED_DEMO = "deepscope.workers.demo.seed_demo"
 
 #: Seconds after which a worker that stopped heart-beating counts as dead. RQ's default (420)
 #: would leave gpu-queue jobs waiting minutes for a worker that is gone.
@@ -55,11 +53,6 @@ WORKER_TTL = 60
 
 _RETRY_BASE_S = 0.1
 _RETRY_CAP_S = 1.0
-
-#: Input optimization: the analyses that belong on a GPU.
-GPU_ANALYSES: frozenset[str] = frozenset(
-    {"inverse_images", "activation_maximization", "caricature", "inversion"}
-)
 
 
 class QueueName(StrEnum):
@@ -99,15 +92,6 @@ def alive_workers(redis: Redis) -> dict[str, int]:
         for name in worker.queue_names():
             counts[name] = counts.get(name, 0) + 1
     return counts
-
-
-def choose_queue(redis: Redis, analysis: str, *, gpu_fallback: bool) -> str:
-    """``gpu`` for input optimization, unless no gpu worker is alive and fallback is on."""
-    if analysis not in GPU_ANALYSES:
-        return QueueName.CPU.value
-    if gpu_fallback and alive_workers(redis).get(QueueName.GPU.value, 0) == 0:
-        return QueueName.CPU.value
-    return QueueName.GPU.value
 
 
 def enqueue(

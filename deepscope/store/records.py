@@ -18,7 +18,6 @@ import json
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
-from enum import StrEnum
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -26,18 +25,14 @@ from redis import Redis
 from redis.client import Pipeline
 from redis.exceptions import WatchError
 
+from deepscope.contract.status import JobError, JobStatus, LayerInfo, ModelStatus
 from deepscope.manifest import Manifest, ModelFormat
 
 __all__ = [
-    "BUILTIN_DATASETS",
     "DURATION_BUCKETS",
     "DatasetRecord",
-    "JobError",
     "JobRecord",
-    "JobStatus",
-    "LayerInfo",
     "ModelRecord",
-    "ModelStatus",
     "Records",
     "cache_key",
     "canonical_json",
@@ -49,13 +44,6 @@ __all__ = [
 
 _P = "ds:"
 _T = TypeVar("_T", bound=BaseModel)
-
-#: Built-in datasets every tenant may name: (num_samples of the train split, C, H, W, classes).
-BUILTIN_DATASETS: dict[str, tuple[int, tuple[int, int, int], int]] = {
-    "digits": (1437, (1, 28, 28), 10),
-    "fashion-mnist": (60000, (1, 28, 28), 10),
-}
-
 
 #: Upper bounds (seconds) of the job-duration histogram's buckets; +Inf is implied.
 DURATION_BUCKETS: tuple[float, ...] = (
@@ -96,7 +84,7 @@ def cache_key(
     params: dict[str, Any],
     version: str,
 ) -> str:
-    """sha256 of what a result is a pure function of (DESIGN.md): model, dataset, analysis,
+    """sha256 of what a result is a pure function of: model, dataset, analysis,
     params (with their defaults filled in), deepscope version; and the manifest, which holds the
     normalization and class names the analyses use."""
     payload = canonical_json(
@@ -112,32 +100,8 @@ def cache_key(
     return hashlib.sha256(payload.encode()).hexdigest()
 
 
-class ModelStatus(StrEnum):
-    VALIDATING = "validating"
-    READY = "ready"
-    INVALID = "invalid"
-
-
-class JobStatus(StrEnum):
-    QUEUED = "queued"
-    RUNNING = "running"
-    SUCCEEDED = "succeeded"
-    FAILED = "failed"
-    CANCELED = "canceled"
-
-    @property
-    def terminal(self) -> bool:
-        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELED)
-
-
 class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore")
-
-
-class LayerInfo(_Record):
-    name: str
-    kind: str
-    weight_shape: list[int]
 
 
 class ModelRecord(_Record):
@@ -177,11 +141,6 @@ class DatasetRecord(_Record):
     num_classes: int
     class_names: list[str] | None = None
     created_at: datetime = Field(default_factory=utcnow)
-
-
-class JobError(_Record):
-    type: str
-    message: str
 
 
 class JobRecord(_Record):

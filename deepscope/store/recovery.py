@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from redis import Redis
@@ -29,24 +28,12 @@ from rq.job import JobStatus as RQStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
+from deepscope.contract.status import ModelStatus
 from deepscope.settings import Settings
-from deepscope.store.queues import (
-    PREDICT,
-    RUN_JOB,
-    VALIDATE_MODEL,
-    QueueName,
-    choose_queue,
-    enqueue,
-)
-from deepscope.store.records import (
-    JobError,
-    JobRecord,
-    JobStatus,
-    ModelRecord,
-    ModelStatus,
-    Records,
-    utcnow,
-)
+from deepscope.store import lifecycle
+from deepscope.store.lifecycle import Death
+from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, QueueName, enqueue
+from deepscope.store.records import JobRecord, ModelRecord, Records
 
 __all__ = [
     "WORKERS_KEY",
@@ -68,24 +55,9 @@ log = logging.getLogger("deepscope.recovery")
 WORKERS_KEY = "ds:workers"
 #: Heartbeats older than this are dropped from the hash (workers long gone).
 _PRUNE_AFTER_S = 24 * 3600
-_PREDICT_ANALYSIS = "predict"
 #: What RQ writes when a job's process died without reporting (fork worker) or when its
 #: registry entry expired (the whole worker died).
 _CRASH_MARKERS = ("terminated unexpectedly", "AbandonedJobError")
-
-
-@dataclass(frozen=True)
-class Death:
-    """Why a job stopped without writing its outcome.
-
-    Attributes:
-        reason: one clause for the error message ("its process was killed by SIGKILL").
-        timed_out_after: the time limit in seconds when the job was killed for exceeding it
-            (then it is not retried).
-    """
-
-    reason: str
-    timed_out_after: int | None = None
 
 
 def server_time(redis: Redis) -> float:
@@ -155,20 +127,6 @@ def _replace_rq_job(
         pipe.execute()
 
 
-def _failure(death: Death, attempts: int, what: str) -> JobError:
-    if death.timed_out_after is not None:
-        return JobError(
-            type="timeout",
-            message=f"{what} timed out after {death.timed_out_after} s and was stopped "
-            "(DEEPSCOPE_JOB_TIMEOUT)",
-        )
-    runs = "once" if attempts == 1 else f"{attempts} times"
-    return JobError(
-        type="worker_died",
-        message=f"worker died while running {what}: {death.reason} (tried {runs})",
-    )
-
-
 def recover_job(
     redis: Redis,
     settings: Settings,
@@ -180,42 +138,18 @@ def recover_job(
     """Settle an analysis or predict job whose run died: queue it again while retries are left,
     else fail it. No-op (returns the record) when it already finished or was retried since
     ``expected_attempts`` was read."""
-    records = Records(redis)
-    retried = failed = False
-
-    def settle(current: JobRecord) -> JobRecord | None:
-        nonlocal retried, failed
-        if current.status.terminal or current.cancel_requested:
-            return None
-        if expected_attempts is not None and current.attempts != expected_attempts:
-            return None
-        if death.timed_out_after is None and current.attempts < settings.job_retries:
-            retried = True
-            current.attempts += 1
-            current.status = JobStatus.QUEUED
-            current.started_at = None
-            current.progress = 0.0
-            current.message = (
-                f"retry {current.attempts} of {settings.job_retries}: the worker died "
-                f"({death.reason})"
-            )
-            return current
-        failed = True
-        current.status = JobStatus.FAILED
-        current.error = _failure(death, current.attempts + 1, "the job")
-        current.finished_at = utcnow()
-        current.message = None
-        return current
-
-    rec = records.update_job(job_id, settle)
+    rec, outcome = lifecycle.retry_or_fail(
+        Records(redis),
+        job_id,
+        death,
+        retries=settings.job_retries,
+        expected_attempts=expected_attempts,
+    )
     if rec is None:
         return None
-    if retried:
-        if rec.analysis == _PREDICT_ANALYSIS:
-            queue, func = QueueName.CPU.value, PREDICT
-        else:
-            queue = choose_queue(redis, rec.analysis, gpu_fallback=settings.gpu_queue_fallback)
-            func = RUN_JOB
+    if outcome == "retried":
+        queue = lifecycle.queue_for(redis, rec.analysis, gpu_fallback=settings.gpu_queue_fallback)
+        func = PREDICT if rec.analysis == lifecycle.PREDICT_ANALYSIS else RUN_JOB
         attempt = rec.attempts
 
         def requeue(pipe: Pipeline) -> object:
@@ -233,10 +167,10 @@ def recover_job(
 
         _replace_rq_job(redis, job_id, requeue)
         log.warning("job %s: %s; queued again (retry %d)", job_id, death.reason, rec.attempts)
-    elif failed or (rec.status.terminal and expected_attempts is None):
+    elif outcome == "failed" or (rec.status.terminal and expected_attempts is None):
         # Failed just now, or finished before the worker died: the dead run's RQ job goes.
         _replace_rq_job(redis, job_id, None)
-        if failed and rec.error is not None:
+        if outcome == "failed" and rec.error is not None:
             log.warning("job %s: %s", job_id, rec.error.message)
     return rec
 
@@ -251,30 +185,16 @@ def recover_validation(
 ) -> ModelRecord | None:
     """Settle a model whose validation died: validate again while retries are left, else mark
     it ``invalid`` with the reason."""
-    records = Records(redis)
-    retried = failed = False
-
-    def settle(current: ModelRecord) -> ModelRecord | None:
-        nonlocal retried, failed
-        if current.status is not ModelStatus.VALIDATING:
-            return None
-        if expected_attempts is not None and current.validation_attempts != expected_attempts:
-            return None
-        if death.timed_out_after is None and current.validation_attempts < settings.job_retries:
-            retried = True
-            current.validation_attempts += 1
-            return current
-        failed = True
-        error = _failure(death, current.validation_attempts + 1, "the validation")
-        current.status = ModelStatus.INVALID
-        current.error = f"validation failed: {error.message}"
-        current.validated_at = utcnow()
-        return current
-
-    rec = records.update_model(model_id, settle)
+    rec, outcome = lifecycle.retry_or_fail_validation(
+        Records(redis),
+        model_id,
+        death,
+        retries=settings.job_retries,
+        expected_attempts=expected_attempts,
+    )
     if rec is None:
         return None
-    if retried:
+    if outcome == "retried":
         attempt = rec.validation_attempts
         rq_id = rec.validation_job_id
 
@@ -294,7 +214,9 @@ def recover_validation(
 
         _replace_rq_job(redis, rq_id, requeue)
         log.warning("model %s: %s; validating again", model_id, death.reason)
-    elif failed or (rec.status is not ModelStatus.VALIDATING and expected_attempts is None):
+    elif outcome == "failed" or (
+        rec.status is not ModelStatus.VALIDATING and expected_attempts is None
+    ):
         _replace_rq_job(redis, rec.validation_job_id, None)
     return rec
 

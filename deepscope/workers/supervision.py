@@ -221,10 +221,10 @@ class InProcessWorker(ForkingWorker):
             super().kill_horse(sig)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
-        from deepscope.workers import jobs
+        from deepscope.workers import runtime
 
         # A forked child must not touch a CUDA context it inherited.
-        jobs.configure(device="cpu", model_cache=0)
+        runtime.configure(device="cpu", model_cache=0)
         super().main_work_horse(job, queue)
 
 

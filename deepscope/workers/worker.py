@@ -61,10 +61,13 @@ def preload() -> list[str]:
     import numpy as np
     import torch
 
-    import deepscope.workers.jobs  # noqa: F401  (the job functions, the pipeline, analyses)
+    import deepscope.workers.analysis_job
+    import deepscope.workers.demo
+    import deepscope.workers.validation  # noqa: F401  (the job functions RQ will call)
+    from deepscope import render
+    from deepscope.analyses.registry import list_analyses, load_compute
     from deepscope.models.datasets import load_dataset
     from deepscope.models.registry import get_model, list_models
-    from deepscope.workers import render
 
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
@@ -78,7 +81,10 @@ def preload() -> list[str]:
         load_dataset("digits", "train")
         with tempfile.TemporaryDirectory() as tmp:
             # Fonts and the Agg backend load on the first drawing.
-            render.spectrum_plot(np.array([1.0, 0.5]), Path(tmp) / "warm.png", title="warm-up")
+            line = render.SpectrumLine("warm", np.arange(2), np.array([1.0, 0.5]), 2, 2.0)
+            render.spectra_figure([line], Path(tmp) / "warm.png", title="warm-up")
+        for spec in list_analyses():
+            load_compute(spec)  # every analysis's worker side, imported once before forking
     finally:
         torch.set_num_threads(threads)
     return names
@@ -101,7 +107,7 @@ def run_worker(
 
     Returns whether any job ran (for ``burst``).
     """
-    from deepscope.workers import jobs
+    from deepscope.workers import runtime
 
     if kind is WorkerKind.AUTO:
         kind = WorkerKind.SIMPLE if QueueName.GPU.value in queues else WorkerKind.FORK
@@ -109,10 +115,10 @@ def run_worker(
     names = preload()
     Records(redis).set_archs(names)
     if kind is WorkerKind.SIMPLE:
-        jobs.configure(device="auto", model_cache=settings.gpu_model_cache)
+        runtime.configure(device="auto", model_cache=settings.gpu_model_cache)
         worker_class: type[ForkingWorker] = InProcessWorker
     else:
-        jobs.configure(device="cpu", model_cache=0)
+        runtime.configure(device="cpu", model_cache=0)
         worker_class = ForkingWorker
     worked = False
     supervisor: Supervisor | None = None

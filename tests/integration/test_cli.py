@@ -52,13 +52,17 @@ def test_signal_space_from_the_command_line(trained: Path, tmp_path: Path) -> No
     (layer,) = result["metrics"]["layers"]
     assert layer["name"] == "fc1"
     assert layer["matrix_shape"] == [10, 784]
-    assert len(layer["singular_values"]) == 10
-    sv = np.array(layer["singular_values"])
+    # The metrics keep a summary; every singular value is in the .npz.
+    assert layer["spectrum"]["count"] == 10
+    sv = np.load(tmp_path / "singular_values.npz")["fc1"]
+    assert sv.shape == (10,)
+    assert layer["spectrum"]["profile"]["values"] == pytest.approx(sv.tolist(), rel=1e-12)
     assert layer["condition_number"] == pytest.approx(sv[0] / sv[-1], rel=1e-9)
     names = {a["name"] for a in result["artifacts"]}
-    assert {"spectrum_fc1", "weights_fc1", "singular_vectors_fc1", "spectra_overview"} <= names
+    assert {"spectra", "weights_fc1", "singular_vectors_fc1", "singular_values"} <= names
     for artifact in result["artifacts"]:
-        assert (tmp_path / artifact["url"]).read_bytes()[:4] == b"\x89PNG"
+        if artifact["media_type"] == "image/png":
+            assert (tmp_path / artifact["url"]).read_bytes()[:4] == b"\x89PNG"
 
 
 def test_residuals_from_the_command_line(trained: Path, tmp_path: Path) -> None:

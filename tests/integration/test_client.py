@@ -16,7 +16,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepscope.analyses.inverse_images import InverseImagesMetrics
+from deepscope.analyses.residuals import ResidualsMetrics
+from deepscope.analyses.signal_space import SignalSpaceMetrics
 from deepscope.client import Client, DeepscopeError, JobOut, JobStatus, ModelOut, ModelStatus
+from deepscope.contract import Result
 from deepscope.models.datasets import load_dataset
 from deepscope.models.training import Recipe, train_model
 
@@ -84,9 +88,10 @@ def test_sdk_submit_wait_download(
     files = client.download_artifacts(job, tmp_path / "out")
     names = {p.relative_to(tmp_path / "out").as_posix() for p in files}
     assert names == {a.url.rsplit("/", 1)[-1] for a in job.result.artifacts}
-    assert "result.json" in names and "spectrum_fc1.png" in names
-    stored = json.loads((tmp_path / "out" / "result.json").read_text())
-    assert stored["metrics"] == job.result.metrics
+    assert "result.json" in names and "spectra.png" in names
+    stored = Result.model_validate_json((tmp_path / "out" / "result.json").read_text())
+    assert stored.metrics == job.result.metrics
+    assert isinstance(job.result.metrics, SignalSpaceMetrics)
     for path in files:
         if path.suffix == ".png":
             assert path.read_bytes().startswith(b"\x89PNG")
@@ -182,17 +187,24 @@ def test_generated_images_come_with_the_models_predictions(
             assert p.probability == pytest.approx(q.top_k[0].probability, rel=1e-6)
             assert [t.class_ for t in p.top_k] == [t.class_ for t in q.top_k]
     # The in-process metrics agree where the image needed no clipping.
-    for target in job.result.metrics["targets"]:
-        key = target["method"].replace("+", "_")
-        if arrays[key][target["class"]].min() > 0 and arrays[key][target["class"]].max() < 1:
-            pred = next(p for p in links.images if p.array == key and p.index == target["class"])
-            assert pred.predicted_index == target["predicted_class"]
+    for target in job.result.metrics_as(InverseImagesMetrics).targets:
+        key = target.method.replace("+", "_")
+        if arrays[key][target.class_].min() > 0 and arrays[key][target.class_].max() < 1:
+            pred = next(p for p in links.images if p.array == key and p.index == target.class_)
+            assert pred.predicted_index == target.predicted_class
 
 
 def test_the_sdk_never_imports_torch() -> None:
     code = (
         "import sys, deepscope.client, deepscope.cli; "
         "bad = [m for m in ('torch', 'torchvision', 'deepscope.models', 'deepscope.analysis') "
+        "if m in sys.modules]; assert not bad, bad"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    # The SDK alone talks HTTP only: no Redis client, no queue, no server code.
+    code = (
+        "import sys, deepscope.client; "
+        "bad = [m for m in ('redis', 'rq', 'fastapi', 'deepscope.store', 'deepscope.service') "
         "if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
@@ -231,7 +243,10 @@ def test_cli_submit_a_file_wait_and_download(
     assert job.status is JobStatus.SUCCEEDED and job.analysis == "residuals"
     assert "uploaded fcnn1.safetensors" in proc.stderr and "100%" in proc.stderr
     assert "fc1" in proc.stderr and f"/v1/jobs/{job_id}/report?" in proc.stderr
-    assert json.loads((out / "result.json").read_text())["metrics"] == job.result.metrics  # type: ignore[union-attr]
+    assert job.result is not None
+    assert Result.model_validate_json((out / "result.json").read_text()).metrics == (
+        job.result.metrics
+    )
     # By id, without waiting; then `deepscope wait`.
     proc = cli(
         service, "submit", job.model_id, "--analysis", "signal_space", "--params", '{"vectors": 2}'
@@ -240,7 +255,7 @@ def test_cli_submit_a_file_wait_and_download(
     second = proc.stdout.strip()
     proc = cli(service, "wait", second, "--out", tmp_path / "second")
     assert proc.returncode == 0, proc.stderr
-    assert (tmp_path / "second" / "spectrum_fc1.png").is_file()
+    assert (tmp_path / "second" / "spectra.png").is_file()
 
 
 def test_cli_errors_and_failed_jobs(service: Service, model: ModelOut) -> None:
@@ -280,8 +295,9 @@ def test_cli_check_gates(
     service: Service, client: Client, model: ModelOut, signal_job: JobOut
 ) -> None:
     assert signal_job.result is not None
-    (layer,) = signal_job.result.metrics["layers"]
-    cond = layer["condition_number"]
+    (layer,) = signal_job.result.metrics_as(SignalSpaceMetrics).layers
+    cond = layer.condition_number
+    assert cond is not None
     ok = cli(service, "check", signal_job.id, "--max-condition-number", str(cond * 1.01))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert ok.stdout.startswith("ok   condition number")
@@ -290,7 +306,9 @@ def test_cli_check_gates(
     assert "FAIL condition number" in bad.stdout and "layer fc1" in bad.stdout
     residuals = client.wait(client.submit(model, "residuals"), progress=False)
     assert residuals.result is not None
-    worst = max(c["lost_fraction"] for c in residuals.result.metrics["layers"][0]["classes"])
+    worst = max(
+        c.lost_fraction for c in residuals.result.metrics_as(ResidualsMetrics).layers[0].classes
+    )
     both = cli(
         service,
         "check",

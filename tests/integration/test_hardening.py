@@ -601,7 +601,7 @@ def test_rq_payloads_are_ids_and_json(
         raw = zlib.decompress(fields[b"data"])
         assert not raw.startswith(b"\x80"), key  # not a pickle
         func, instance, args, kwargs = json.loads(raw)
-        assert func.startswith("deepscope.workers.jobs."), func
+        assert func.startswith("deepscope.workers."), func
         assert instance is None and kwargs == {}
         for arg in args:
             assert isinstance(arg, str | int | float | bool) or arg is None, (key, args)

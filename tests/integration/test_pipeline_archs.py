@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import save_file
 
+from deepscope.analyses import get_analysis, parse_params
+from deepscope.analyses.run import run_analysis
+from deepscope.contract import Result
 from deepscope.manifest import Manifest, manifest_path_for
 from deepscope.models.loading import load_model
 from deepscope.models.registry import get_model
-from deepscope.params import parse_params
-from deepscope.workers.pipeline import run_analysis
+from deepscope.render import PANELS_KEY, panel_span, read_panels
 
 # Cheap parameters: this checks the wiring on each architecture, not the science (unit tests do).
 CASES: dict[str, dict[str, object]] = {
@@ -52,17 +54,28 @@ def test_every_analysis_on_every_arch(model_file: Path, analysis: str, tmp_path:
     seen: list[float] = []
     result = run_analysis(
         load_model(model_file),
-        parse_params(analysis, params).analysis,
+        analysis,
         parse_params(analysis, params),
         tmp_path,
         dataset="digits",
         device="cpu",
         progress=lambda f, _m: seen.append(f),
     )
-    assert result == json.loads((tmp_path / "result.json").read_text())
-    assert result["metrics"]
+    assert result == Result.model_validate_json((tmp_path / "result.json").read_text())
+    assert isinstance(result.metrics, get_analysis(analysis).metrics)
     assert seen[-1] == 1.0
     assert seen == sorted(seen), "progress never goes back"
-    assert any(a["media_type"] == "image/png" for a in result["artifacts"])
-    for artifact in result["artifacts"]:
-        assert (tmp_path / artifact["url"]).stat().st_size > 0
+    assert any(a.media_type == "image/png" for a in result.artifacts)
+    grids = 0
+    for artifact in result.artifacts:
+        path = tmp_path / artifact.url
+        assert path.stat().st_size > 0
+        if artifact.media_type != "image/png" or PANELS_KEY not in Image.open(path).info:
+            continue  # a plot with axes (spectra, curves), not a grid of panels
+        grids += 1
+        for panel in read_panels(path):
+            # Every panel with something to show uses at least half of its colour scale:
+            # no panel is washed out by another's range.
+            if not panel.constant:
+                assert panel_span(path, panel) >= 0.5, (artifact.name, panel.index, panel)
+    assert grids or (analysis == "residuals" and arch != "fcnn5"), "no grid of panels drawn"

@@ -58,7 +58,7 @@ from stack_helpers import (
     wait_model,
 )
 
-from deepscope.params import AnalysisKind, parse_params
+from deepscope.analyses import analysis_names, parse_params
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
@@ -493,7 +493,7 @@ def test_load_500_submissions_32_clients(
     with stack_launcher(tmp_path, workers=("fork", "fork"), env=env) as svc:
         owner = svc.client()
         model = _ready_model(owner, fcnn_weights(weights, "fcnn1"), "fcnn1")
-        kinds = [k.value for k in AnalysisKind]
+        kinds = analysis_names()
         requests: list[tuple[str | None, dict[str, Any], int]] = []
         for i in range(500):
             kind = kinds[i % len(kinds)]

@@ -12,12 +12,14 @@ from torch import Tensor, nn
 
 from deepscope.analysis.inverse import (
     VALID_METHODS,
+    InverseStatus,
     StartMethod,
     TargetMode,
     class_averages,
     exact_inverse,
     inverse_images,
     invertible_chain,
+    layerwise_inverse,
     output_targets,
     refine,
     start_images,
@@ -186,7 +188,7 @@ def _fcnn1_case() -> tuple[nn.Sequential, Tensor, Tensor, Tensor]:
 
 
 def _fcnn5_case() -> tuple[nn.Sequential, Tensor, Tensor, Tensor]:
-    # The paper's min/max targets are extreme for fcnn5 (see the unreachable test); a tenth of
+    # The paper's min/max targets are extreme for fcnn5 (see the extreme-targets test); a tenth of
     # the way from the anchors' outputs towards them keeps every SELU pre-image in range.
     model = fcnn5_orthogonal()
     images, labels = random_data()
@@ -198,23 +200,22 @@ def _fcnn5_case() -> tuple[nn.Sequential, Tensor, Tensor, Tensor]:
 
 
 @pytest.mark.parametrize("case", [_fcnn1_case, _fcnn5_case], ids=["fcnn1", "fcnn5"])
-def test_exact_inverse_reaches_targets_with_minimum_change(case: object) -> None:
+def test_layerwise_inverse_reaches_targets_with_minimum_change(case: object) -> None:
     model, targets, anchors, _ = case()  # type: ignore[operator]
     chain = invertible_chain(model)
     assert chain is not None
-    result = exact_inverse(chain, targets, anchors, (1, 28, 28))
+    result = layerwise_inverse(chain, targets, anchors, (1, 28, 28))
 
     assert result.images.shape == (10, 1, 28, 28)
     assert result.images.dtype == torch.float32
     assert [name for name, _ in result.layer_residuals] == [
         str(i) for i, m in enumerate(chain) if isinstance(m, nn.Linear)
     ]
-    assert result.reachable.tolist() == [True] * 10
+    assert result.exact.tolist() == [True] * 10
     assert result.clipped.tolist() == [False] * 10
     for _, residual in result.layer_residuals:
         assert float(residual.max()) < 1e-9
     # The target output is reproduced, in float64 and with the float32 image.
-    assert result.output_residual is not None
     assert float(result.output_residual.max()) < 1e-9
     model64 = copy.deepcopy(model).double()
     with torch.no_grad():
@@ -227,22 +228,26 @@ def test_exact_inverse_reaches_targets_with_minimum_change(case: object) -> None
     null_part = null_space_part(linear(model, "fc1").weight.detach(), change)
     assert float(change.norm()) > 1e-3
     assert float(null_part.norm() / change.double().norm()) < 1e-5
+    # Where the layer-by-layer solution is exact, the exact inverse keeps it.
+    exact = exact_inverse(chain, targets, anchors, (1, 28, 28))
+    assert exact.status == [InverseStatus.REACHED] * 10
+    assert exact.solver == ["layerwise"] * 10
+    assert torch.equal(exact.images, result.images)
 
 
-def test_exact_inverse_reports_extreme_targets_of_deep_network() -> None:
+def test_layerwise_inverse_reports_extreme_targets_of_deep_network() -> None:
     # fcnn5's minimum-change pre-images of the full min/max targets leave SELU's range
-    # (below −λα): reported as clipped and unreachable, and the output really misses the target.
+    # (below −λα): reported as clipped, and the output really misses the target.
     model = fcnn5_orthogonal()
     images, labels = random_data()
     targets = _targets_for(model, images)
     chain = invertible_chain(model)
     assert chain is not None
-    result = exact_inverse(chain, targets, class_averages(images, labels, 10), (1, 28, 28))
+    result = layerwise_inverse(chain, targets, class_averages(images, labels, 10), (1, 28, 28))
     assert result.clipped.tolist() == [True] * 10
-    assert result.reachable.tolist() == [False] * 10
+    assert result.exact.tolist() == [False] * 10
     assert [name for name, _ in result.activation_clipped] == ["2", "4", "6", "8"]
     assert int(result.activation_clipped[0][1].sum()) > 0
-    assert result.output_residual is not None
     assert float(result.output_residual.min()) > 1e-3
     assert bool(torch.isfinite(result.images).all())
 
@@ -256,7 +261,9 @@ def test_exact_inverse_minimum_change_fcnn1_is_closed_form() -> None:
     chain = invertible_chain(model)
     assert chain is not None
     result = exact_inverse(chain, targets, anchors, (1, 28, 28))
-    assert bool(result.reachable.all())
+    assert result.status == [InverseStatus.REACHED] * 10
+    assert result.solver == ["layerwise"] * 10
+    assert float(result.output_residual.max()) < 1e-8
     w = linear(model, "fc1").weight.detach().double()
     b = linear(model, "fc1").bias.detach().double()
     t = targets.double()
@@ -282,13 +289,15 @@ def test_exact_inverse_reports_target_outside_layer_range() -> None:
     random_target = torch.randn(32, generator=g)
     targets = torch.stack([reachable_target, random_target])
     result = exact_inverse(chain, targets, anchors, (1, 4, 4))
-    last_name, last_residual = result.layer_residuals[-1]
+    last_name, last_residual = result.layerwise.layer_residuals[-1]
     assert last_name == "3"
     assert float(last_residual[0]) < 1e-6  # float32 rounding of the target only
     assert float(last_residual[1]) > 0.1
-    assert result.reachable.tolist() == [True, False]
-    assert result.clipped.tolist() == [False, False]
-    assert result.output_residual is not None
+    # Outside the last layer's range is a proof, whatever the search does.
+    assert result.status == [InverseStatus.REACHED, InverseStatus.UNREACHABLE]
+    assert result.unreachable_reason[0] is None
+    assert "Linear layer '3' is outside its range" in str(result.unreachable_reason[1])
+    assert result.layerwise.clipped.tolist() == [False, False]
     assert float(result.output_residual[0]) < 1e-6
     assert float(result.output_residual[1]) > 0.1
 
@@ -301,16 +310,27 @@ def test_exact_inverse_clips_selu_target_below_range() -> None:
     chain = invertible_chain(model)
     assert chain is not None
     result = exact_inverse(chain, targets, class_averages(images, labels, 10), (1, 28, 28))
-    assert result.clipped.tolist() == [c == 3 for c in range(10)]
-    assert result.reachable.tolist() == [c != 3 for c in range(10)]
-    assert result.activation_clipped[0][0] == "2"
-    assert result.activation_clipped[0][1].tolist() == [int(c == 3) for c in range(10)]
+    # An entry below the last activation's range is a proof of unreachability.
+    assert result.status == [
+        InverseStatus.UNREACHABLE if c == 3 else InverseStatus.REACHED for c in range(10)
+    ]
+    assert "activation '2'" in str(result.unreachable_reason[3])
+    layerwise = result.layerwise
+    assert layerwise.clipped.tolist() == [c == 3 for c in range(10)]
+    assert layerwise.exact.tolist() == [c != 3 for c in range(10)]
+    assert layerwise.activation_clipped[0][0] == "2"
+    assert layerwise.activation_clipped[0][1].tolist() == [int(c == 3) for c in range(10)]
     assert bool(torch.isfinite(result.images).all())
-    # The clipped entry lands just inside the range; the rest of the target is still met.
+    # Layer by layer, the clipped entry lands just inside the range; the search gets at least as
+    # close (SELU saturates at the boundary). The rest of the target is met either way.
+    model64 = copy.deepcopy(model).double()
     with torch.no_grad():
-        out = model.double()(result.images.double())
+        out = model64(layerwise.images.double())
+        searched = model64(result.images.double())
     assert SELU_LOW < float(out[3, 0]) < SELU_LOW + 1e-4
+    assert SELU_LOW <= float(searched[3, 0]) < SELU_LOW + 1e-4
     assert torch.allclose(out[3, 1:], targets[3, 1:].double(), atol=1e-4)
+    assert torch.allclose(searched[3, 1:], targets[3, 1:].double(), atol=1e-4)
 
 
 def test_invertible_chain_accepts_only_invertible_sequentials() -> None:
@@ -341,8 +361,8 @@ def test_exact_inverse_tanh_sigmoid_leaky() -> None:
     anchors = truth + 0.01 * torch.randn(3, 1, 3, 4, generator=g)
     chain = invertible_chain(model)
     assert chain is not None
-    result = exact_inverse(chain, targets, anchors, (1, 3, 4))
-    assert bool(result.reachable.all())
+    result = layerwise_inverse(chain, targets, anchors, (1, 3, 4))
+    assert bool(result.exact.all())
     with torch.no_grad():
         out = model.double()(result.images.double())
     assert torch.allclose(out, targets.double(), atol=1e-5)
@@ -479,7 +499,8 @@ def test_inverse_images_on_trained_fcnn1(
     assert all(v.shape == (10, 1, 28, 28) for v in result.images.values())
     assert len(result.metrics) == 30
     assert set(result.metrics[0]) == {
-        "class", "method", "predicted_class", "target_mse", "distance_from_average", "reachable",
+        "class", "method", "predicted_class", "target_mse", "output_error",
+        "distance_from_average", "pixel_min", "pixel_max", "in_data_range", "reachable", "solver",
     }  # fmt: skip
     by = {(m["method"], m["class"]): m for m in result.metrics}
     own = sum(by[("avg+training", c)]["predicted_class"] == c for c in range(10))
@@ -490,11 +511,11 @@ def test_inverse_images_on_trained_fcnn1(
         trained = by[("avg+training", c)]["target_mse"]
         assert isinstance(trained, float)
         assert trained < by[("avg", c)]["target_mse"]  # type: ignore[operator]
-        assert isinstance(by[("pinv", c)]["reachable"], bool)
     # fcnn1's single wide layer reaches every target (float32-saturated minima at −λα count
     # as reachable: the model outputs them itself).
     for c in range(10):
-        assert by[("pinv", c)]["reachable"] is True
+        assert by[("pinv", c)]["reachable"] == "reached"
+        assert by[("pinv", c)]["solver"] == "layerwise"
         assert by[("pinv", c)]["target_mse"] < 1e-8  # type: ignore[operator]
         assert by[("pinv", c)]["predicted_class"] == c
     # Progress runs once per optimizer step plus once per other method, monotone, ending at 1.
@@ -547,5 +568,5 @@ def test_inverse_images_runs_on_the_model_device() -> None:
     )
     assert all(v.device.type == "cuda" for v in result.images.values())
     pinv = [m for m in result.metrics if m["method"] == "pinv"]
-    assert all(m["reachable"] is True for m in pinv)
+    assert all(m["reachable"] == "reached" for m in pinv)
     assert all(m["predicted_class"] == m["class"] for m in pinv)

@@ -7,7 +7,6 @@ import time
 import pytest
 
 from deepscope.service.links import MAX_TTL_S, SCOPE_UI, LinkError, LinkSigner, job_scope
-from deepscope.service.report import fmt, metric_tables
 
 KEYS = {"key-a-1": "alice", "key-a-2": "alice", "key-b": "bob"}
 JOB = "a" * 32
@@ -85,29 +84,3 @@ def test_link_lifetimes_are_bounded() -> None:
             signer.sign_for("bob", SCOPE_UI, ttl)
     with pytest.raises(LinkError, match="no API key"):
         signer.sign_for("mallory", SCOPE_UI)
-
-
-def test_metric_tables_of_the_report() -> None:
-    metrics = {
-        "view": "kernels",
-        "layers": [
-            {
-                "name": "fc1",
-                "kind": "linear",
-                "view": "kernels",
-                "matrix_shape": [10, 784],
-                "singular_values": [3.0, 2.0, 0.5],
-                "rank": 3,
-                "condition_number": None,
-                "stable_rank": 1.5,
-                "spectral_norm": 3.0,
-            }
-        ],
-    }
-    summary, layers = metric_tables("signal_space", metrics)
-    assert summary.rows == [["view", "kernels"]]
-    assert layers.rows == [["fc1", "linear", "kernels", "10×784", "3", "∞", "1.5", "3", "0.5"]]
-    # An analysis the report does not know yet: its records still become a table.
-    (generic,) = metric_tables("caricature", {"targets": [{"target": "fc1:3", "loss": 0.25}]})
-    assert generic.columns == ["target", "loss"] and generic.rows == [["fc1:3", "0.25"]]
-    assert fmt(1234567.0) == "1.235e+06" and fmt(None) == "—" and fmt(True) == "yes"

@@ -5,7 +5,9 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from deepscope.params import ResidualsParams, SignalSpaceParams, parse_params
+from deepscope.analyses import parse_params
+from deepscope.analyses.residuals import ResidualsParams
+from deepscope.analyses.signal_space import SignalSpaceParams
 
 
 def test_defaults_per_analysis() -> None:

@@ -1,4 +1,4 @@
-"""The three input-optimization analyses the service runs (DESIGN.md).
+"""The three input-optimization analyses the service runs.
 
 * :func:`activation_maximization` — an image per target: a class logit (``layer=None``) or a
   channel of a named layer; all targets in one batch (or chunks of ``batch_size``).

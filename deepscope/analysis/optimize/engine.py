@@ -4,7 +4,7 @@ One step = images from the parametrization → random transforms (one draw per i
 model's normalization → ONE forward pass of the whole batch → objective (per image, maximized)
 minus regularizers (per image) → ONE backward pass → Adam step → projection.
 
-What the loop guarantees (the failure modes of peers, DESIGN.md):
+What the loop guarantees (failure modes seen in peer libraries):
 
 * only the modules the objective and the regularizers name are hooked, through
   :func:`~deepscope.analysis.hooks.capture_activations` with ``clone=True`` (an in-place ReLU
@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from deepscope.analysis.hooks import Capture, Where, capture_activations, eval_mode
+from deepscope.analysis.normalization import ChannelNormalization
 from deepscope.analysis.optimize.objectives import MODEL_OUTPUT, Objective
 from deepscope.analysis.optimize.param import ImageParam
 from deepscope.analysis.optimize.regularizers import Regularizer, input_statistics
@@ -126,26 +127,8 @@ def make_normalizer(normalize: Normalize, channels: int) -> Callable[[Tensor], T
         return lambda x: x
     if callable(normalize):
         return normalize
-    mean_values, std_values = (list(map(float, v)) for v in normalize)
-    for what, values in (("mean", mean_values), ("std", std_values)):
-        if len(values) not in (1, channels):
-            raise ValueError(
-                f"normalization {what} has {len(values)} values for {channels} channels"
-            )
-    if any(not s > 0 for s in std_values):
-        raise ValueError(f"normalization std must be positive, got {std_values}")
-    mean = torch.tensor(mean_values * (channels // len(mean_values)))
-    var = torch.tensor(std_values * (channels // len(std_values))).square()
-
-    def apply(x: Tensor) -> Tensor:
-        # An inference-mode batch norm is (x - mean) / sqrt(var) in one fused pass (and one
-        # in the backward), where the plain expression makes two of each.
-        out: Tensor = nn.functional.batch_norm(
-            x, mean.to(x), var.to(x), None, None, False, 0.0, 0.0
-        )
-        return out
-
-    return apply
+    mean, std = normalize
+    return ChannelNormalization.of(mean, std, channels).normalize
 
 
 def _output_tensor(out: Any) -> Tensor:

@@ -8,12 +8,13 @@ from __future__ import annotations
 from fastapi import APIRouter, HTTPException, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
-from deepscope.catalog import FASHION_MNIST_CLASSES
+from deepscope.catalog import BUILTIN_DATASETS
+from deepscope.contract import DatasetList, DatasetOut
 from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found
 from deepscope.service.npz import inspect_npz
-from deepscope.service.schemas import DatasetList, DatasetOut, dataset_out
+from deepscope.service.schemas import dataset_out
 from deepscope.service.uploads import multipart_body, parse_multipart
-from deepscope.store.records import BUILTIN_DATASETS, DatasetRecord, new_id
+from deepscope.store.records import DatasetRecord, new_id
 from deepscope.store.storage import UploadSink
 
 __all__ = ["builtin_datasets", "router"]
@@ -22,21 +23,18 @@ router = APIRouter(prefix="/v1/datasets", tags=["datasets"])
 
 
 def builtin_datasets() -> list[DatasetOut]:
-    out = []
-    for name, (n, shape, k) in BUILTIN_DATASETS.items():
-        names = [str(i) for i in range(k)] if name == "digits" else list(FASHION_MNIST_CLASSES)
-        out.append(
-            DatasetOut(
-                id=name,
-                name=name,
-                builtin=True,
-                num_samples=n,
-                input_shape=list(shape),
-                num_classes=k,
-                class_names=names,
-            )
+    return [
+        DatasetOut(
+            id=d.name,
+            name=d.name,
+            builtin=True,
+            num_samples=d.num_samples,
+            input_shape=list(d.input_shape),
+            num_classes=d.num_classes,
+            class_names=list(d.class_names),
         )
-    return out
+        for d in BUILTIN_DATASETS.values()
+    ]
 
 
 def _store(state: ServiceState, tenant: str, name: str | None, path_sink: UploadSink) -> DatasetOut:

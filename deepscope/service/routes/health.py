@@ -8,8 +8,8 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from redis.exceptions import RedisError
 
+from deepscope.contract import HealthOut, ReadyOut
 from deepscope.service.deps import State, Tenant, errors
-from deepscope.service.schemas import HealthOut, ReadyOut
 from deepscope.store.queues import QueueName, alive_workers, get_queue
 
 __all__ = ["router"]

@@ -13,20 +13,30 @@ from pydantic import ValidationError
 from rq.job import Job
 from rq.serializers import JSONSerializer
 
+from deepscope.contract import (
+    JobOut,
+    JobStatus,
+    ModelList,
+    ModelOut,
+    ModelStatus,
+    PredictMetrics,
+    PredictOut,
+    Result,
+)
+from deepscope.contract.errors import describe_errors
 from deepscope.manifest import Manifest, ModelFormat
 from deepscope.service.deps import (
     ServiceState,
     State,
     Tenant,
-    describe_validation_error,
     errors,
     not_found,
 )
 from deepscope.service.limits import check_image_count, check_image_pixels, png_size
 from deepscope.service.npz import npz_images_shape
-from deepscope.service.schemas import JobOut, ModelList, ModelOut, PredictOut, job_out, model_out
+from deepscope.service.schemas import job_out, model_out
 from deepscope.service.uploads import FilePart, multipart_body, parse_multipart
-from deepscope.store.records import JobStatus, ModelRecord, ModelStatus, new_id
+from deepscope.store.records import ModelRecord, new_id
 from deepscope.store.storage import Storage
 
 __all__ = ["check_manifest", "router", "sniff_model_file"]
@@ -99,7 +109,7 @@ def _parse_manifest(text: str | None) -> Manifest:
     try:
         return Manifest.model_validate(raw)
     except ValidationError as exc:
-        raise HTTPException(422, "manifest: " + describe_validation_error(exc)) from None
+        raise HTTPException(422, "manifest: " + describe_errors(exc.errors())) from None
 
 
 def _owned_model(state: ServiceState, tenant: str, model_id: str) -> ModelRecord:
@@ -280,7 +290,8 @@ async def predict(
         current = state.backend.records.get_job(job_id, tenant) or rec
         if current.status is JobStatus.SUCCEEDED:
             result = state.backend.result_of(current) or {}
-            return PredictOut(job_id=job_id, predictions=result["metrics"]["predictions"])
+            metrics = Result.model_validate(result).metrics_as(PredictMetrics)
+            return PredictOut(job_id=job_id, predictions=metrics.predictions)
         if current.status is JobStatus.FAILED and current.error is not None:
             raise HTTPException(422, f"prediction failed: {current.error.message}")
         rec = current

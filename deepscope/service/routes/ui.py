@@ -1,6 +1,10 @@
 """The pages a browser opens: ``GET /v1/jobs/{id}/report`` (pictures, metrics as tables,
 spectra) and ``GET /v1/ui`` (the tenant's models and jobs), reached with a signed read-only link.
 
+``GET /v1/jobs/{id}/report?standalone=true`` is the same report as one self-contained file
+(pictures as ``data:`` URLs, scripts and styles inlined), to keep with a CI run and open from
+disk; it takes the same key or link.
+
 ``GET /v1/ui/link`` (bearer key) mints a link; ``GET /v1/ui`` without one shows a form that
 takes the API key in a POST body and answers with a link valid for 12 hours. See
 :mod:`deepscope.service.links` for why links and not keys in URLs.
@@ -11,13 +15,14 @@ from __future__ import annotations
 import json
 import secrets
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
+from deepscope.contract import JobOut, LinkOut
+from deepscope.contract.tables import Table
 from deepscope.service.deps import (
     Bearer,
     PageAccess,
@@ -30,17 +35,26 @@ from deepscope.service.deps import (
 )
 from deepscope.service.links import MAX_TTL_S, SCOPE_UI, job_scope
 from deepscope.service.report import (
+    CHART_SCRIPTS,
     HTML_HEADERS,
     Figure,
-    Table,
+    chart_css,
+    chart_data,
+    data_uri,
     downloads,
     figures,
-    metric_tables,
     model_label,
     prediction_table,
     render_page,
+    script_json,
+    served_scripts,
+    standalone_assets,
+    static_media_type,
+    static_text,
 )
-from deepscope.service.schemas import JobOut, LinkOut, job_out, model_out
+from deepscope.service.schemas import job_out, model_out
+from deepscope.store.records import JobRecord
+from deepscope.store.storage import Storage
 
 __all__ = ["router"]
 
@@ -48,7 +62,6 @@ router = APIRouter(tags=["ui"])
 
 _LOGIN_TTL_S = 12 * 3600
 _INDEX_JOBS = 200
-_STATIC = Path(__file__).resolve().parent.parent / "static"
 _HTML: dict[int | str, dict[str, Any]] = {
     200: {"content": {"text/html": {}}, "description": "an HTML page"}
 }
@@ -186,12 +199,16 @@ def root() -> RedirectResponse:
     return RedirectResponse("/v1/ui", status_code=307)
 
 
-@router.get("/v1/ui/static/ui.js", include_in_schema=False)
-def script() -> Response:
-    body = (_STATIC / "ui.js").read_bytes()
+# The pages' own scripts (the CSP lets a page run scripts from here only). A fixed list of
+# names, so nothing else on disk can be reached.
+@router.get("/v1/ui/static/{name}", include_in_schema=False)
+def static_file(name: str) -> Response:
+    media_type = static_media_type(name)
+    if media_type is None:
+        raise not_found("file", name)
     return Response(
-        body,
-        media_type="text/javascript",
+        static_text(name).encode(),
+        media_type=media_type,
         headers={"Cache-Control": "public, max-age=300", "X-Content-Type-Options": "nosniff"},
     )
 
@@ -199,7 +216,19 @@ def script() -> Response:
 # --- report -------------------------------------------------------------------------------
 
 
-def _report(state: ServiceState, access: PageAccess, job_id: str, base_url: str) -> str:
+def _read_artifact(storage: Storage, rec: JobRecord, url: str) -> bytes:
+    """The bytes of the artifact that the API serves at ``url`` (``/v1/artifacts/{id}/{path}``).
+
+    A cached job's files live under the job that made them (``source_job``)."""
+    path = url.removeprefix(f"/v1/artifacts/{rec.id}/")
+    with storage.open(Storage.artifact_key(rec.tenant, rec.source_job or rec.id, path)) as f:
+        return f.read()
+
+
+def _report(
+    state: ServiceState, access: PageAccess, job_id: str, base_url: str, standalone: bool
+) -> tuple[str, dict[str, str]]:
+    """The report page and its headers; ``standalone``: as one file that needs no server."""
     backend = state.backend
     rec = backend.records.get_job(job_id, access.tenant)
     if rec is None:
@@ -214,15 +243,48 @@ def _report(state: ServiceState, access: PageAccess, job_id: str, base_url: str)
     files: list[Figure] = []
     tables: list[Table] = []
     predictions = None
+    charts = None
     if job.result is not None:
         spectra, pictures = figures(job.result.artifacts, link.query())
         files = downloads(job.result.artifacts, link.query())
-        tables = metric_tables(job.analysis, job.result.metrics)
+        tables = job.result.metrics.tables()
         predictions = prediction_table(job)
-    index_url = None
-    if access.scope in (None, SCOPE_UI):  # a link for one job leads nowhere else
-        index_url = f"/v1/ui?{state.signer.sign(access.tenant, SCOPE_UI, access.expires).query()}"
-    return render_page(
+        charts = chart_data(job.result.metrics.model_dump(mode="json"))
+    names = [*CHART_SCRIPTS, "ui.js"] if charts else ["ui.js"]
+    missing: list[str] = []
+    headers = HTML_HEADERS
+    context: dict[str, Any] = {}
+    if standalone:
+        # Every picture in the page itself: the file must open from disk, links expire. One
+        # gone from storage is left out and named, rather than failing the whole report.
+        for gallery in (spectra, pictures):
+            for fig in list(gallery):
+                try:
+                    png = _read_artifact(backend.storage, rec, fig.url.split("?", 1)[0])
+                except FileNotFoundError:
+                    gallery.remove(fig)
+                    missing.append(fig.name)
+                else:
+                    fig.url = data_uri("image/png", png)
+        assets = standalone_assets(names)
+        headers = {
+            **assets.headers,
+            "Content-Disposition": f'attachment; filename="deepscope-report-{job.id}.html"',
+        }
+        context = {
+            "scripts": assets.scripts,
+            "meta_csp": assets.meta_csp,
+            "saved": datetime.now(UTC),
+            "missing": missing,
+        }
+    else:
+        context = {"scripts": served_scripts(names)}
+        if job.result is not None:
+            context["standalone_url"] = f"/v1/jobs/{job.id}/report?{link.query()}&standalone=true"
+        if access.scope in (None, SCOPE_UI):  # a link for one job leads nowhere else
+            index = state.signer.sign(access.tenant, SCOPE_UI, access.expires)
+            context["index_url"] = f"/v1/ui?{index.query()}"
+    page = render_page(
         "report.html",
         job=job,
         model_name=model_label(model, job.model_id),
@@ -233,18 +295,24 @@ def _report(state: ServiceState, access: PageAccess, job_id: str, base_url: str)
         files=files,
         tables=tables,
         predictions=predictions,
+        charts=charts,
+        charts_json=script_json(charts) if charts else None,
+        chart_css=chart_css() if charts else None,
+        standalone=standalone,
         expires=datetime.fromtimestamp(access.expires, UTC),
-        index_url=index_url,
         base_url=base_url,
-        refresh=None if job.status.terminal else 2,
+        # A saved copy is a snapshot: reloading a file would show the same.
+        refresh=None if job.status.terminal or standalone else 2,
+        **context,
     )
+    return page, headers
 
 
 @router.get(
     "/v1/jobs/{job_id}/report",
     response_class=HTMLResponse,
     tags=["jobs"],
-    summary="The job's report: pictures, metrics as tables, spectra (HTML)",
+    summary="The job's report: pictures, metrics as tables, interactive spectra (HTML)",
     responses={**_HTML, **errors(404)},
 )
 async def report(
@@ -252,11 +320,20 @@ async def report(
     request: Request,
     credentials: Bearer,
     state: State,
+    standalone: Annotated[
+        bool,
+        Query(
+            description="one self-contained file (pictures, scripts and styles inside) to save "
+            "and open from disk, sent as an attachment"
+        ),
+    ] = False,
     t: Annotated[str | None, Query(description=_LINK_QUERY["t"])] = None,
     exp: Annotated[str | None, Query(description=_LINK_QUERY["exp"])] = None,
     sig: Annotated[str | None, Query(description=_LINK_QUERY["sig"])] = None,
 ) -> HTMLResponse:
     del t, exp, sig  # read by key_or_link; declared for the OpenAPI schema
     access = key_or_link(request, credentials, (SCOPE_UI, job_scope(job_id)))
-    page = await run_in_threadpool(_report, state, access, job_id, _base_url(request))
-    return _html(page)
+    page, headers = await run_in_threadpool(
+        _report, state, access, job_id, _base_url(request), standalone
+    )
+    return HTMLResponse(page, headers=headers)

@@ -1,0 +1,165 @@
+"""``signal_space`` in a worker: the SVDs (``deepscope.analysis.signal_space``), a bounded
+summary per layer, every singular value in ``singular_values.npz``, and the pictures: one
+figure with every layer's spectrum, and per layer its top singular directions and weights."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+
+from deepscope import render
+from deepscope.analyses.context import RunContext, safe_name, to_numpy
+from deepscope.analyses.signal_space import LayerSpectrum, SignalSpaceMetrics, SignalSpaceParams
+from deepscope.analysis.layers import LayerKind, WeightLayer, select_layers
+from deepscope.analysis.signal_space import (
+    ConvView,
+    layer_matrix,
+    layer_spectrum_metrics,
+    signal_space,
+    top_singular_directions,
+)
+from deepscope.analysis.spectrum_summary import spectrum_summary
+from deepscope.models.loading import layer_input_shapes
+
+__all__ = ["run"]
+
+_MAX_WEIGHT_ROWS = 16  # rows / channels of a weight grid: more is unreadable at a glance
+
+
+def run(ctx: RunContext) -> SignalSpaceMetrics:
+    params = ctx.params
+    assert isinstance(params, SignalSpaceParams)
+    view = ConvView(params.view)
+    layers = select_layers(ctx.loaded.layers, params.layers)
+    input_hw: dict[str, tuple[int, int]] | None = None
+    if view is ConvView.OPERATOR:
+        shapes = layer_input_shapes(ctx.loaded)
+        input_hw = {
+            layer.name: (int(shapes[layer.name][-2]), int(shapes[layer.name][-1]))
+            for layer in layers
+            if layer.kind is LayerKind.CONV2D
+        }
+    ctx.progress(0.05, f"SVD of {len(layers)} layers")
+    spectra = signal_space(layers, view, input_hw)
+    values = {s.name: to_numpy(s.stats.singular_values) for s in spectra}
+    entries = []
+    for s in spectra:
+        entry = layer_spectrum_metrics(s)
+        entry.pop("singular_values", None)
+        entry["spectrum"] = spectrum_summary(values[s.name])
+        entries.append(LayerSpectrum.model_validate(entry))
+    ctx.add_arrays(
+        "singular_values",
+        "singular_values.npz",
+        values,
+        "every singular value of every layer, descending; key = layer name",
+    )
+    if params.images:
+        ctx.progress(0.5, "drawing")
+        _draw(ctx, params, view, layers, entries)
+    return SignalSpaceMetrics(view=view.value, layers=entries)
+
+
+def _vector_images(
+    layer: WeightLayer, view: ConvView, k: int, input_shape: tuple[int, int, int], first: bool
+) -> np.ndarray | None:
+    """σᵢ·vᵢ ``(k, *shape)`` reshaped to the input (first Linear layer) or to the kernel; None
+    where no shape fits."""
+    if view is ConvView.OPERATOR or k == 0:
+        return None
+    if layer.kind is LayerKind.LINEAR:
+        if not first or layer.in_channels != math.prod(input_shape):
+            return None
+        shape: tuple[int, ...] = input_shape
+    elif view is ConvView.KERNELS:
+        shape = layer.kernel_size
+    else:
+        shape = (layer.weight.shape[1], *layer.kernel_size)
+    sigma, vh = top_singular_directions(layer_matrix(layer, view), k)
+    return to_numpy((sigma[:, None] * vh).reshape(-1, *shape))
+
+
+def _weight_images(
+    layer: WeightLayer, input_shape: tuple[int, int, int], first: bool
+) -> tuple[np.ndarray, int] | None:
+    """The raw weights as images ``(N, ...)`` and the grid's columns, or None."""
+    w = layer.weight.detach().cpu().double()
+    if layer.kind is LayerKind.LINEAR:
+        if not first or layer.in_channels != math.prod(input_shape):
+            return None
+        rows = to_numpy(w[:_MAX_WEIGHT_ROWS].reshape(-1, *input_shape))
+        return rows, min(len(rows), 8)
+    out_c, in_c = min(w.shape[0], _MAX_WEIGHT_ROWS), min(w.shape[1], _MAX_WEIGHT_ROWS)
+    kernels = to_numpy(w[:out_c, :in_c].reshape(out_c * in_c, *layer.kernel_size))
+    return kernels, in_c
+
+
+def _draw(
+    ctx: RunContext,
+    params: SignalSpaceParams,
+    view: ConvView,
+    layers: Sequence[WeightLayer],
+    entries: Sequence[LayerSpectrum],
+) -> None:
+    lines = [
+        render.SpectrumLine(
+            name=e.name,
+            indices=np.asarray(e.spectrum.profile.indices),
+            values=np.asarray(e.spectrum.profile.values),
+            count=e.spectrum.count,
+            condition_number=e.condition_number,
+        )
+        for e in entries
+    ]
+    path = render.spectra_figure(
+        lines, ctx.out_dir / "spectra.png", title=f"signal spaces ({view.value} view)"
+    )
+    ctx.add_file("spectra", path, "every layer's normalized spectrum and condition number")
+    first_name = ctx.loaded.layers[0].name
+    num_classes = ctx.loaded.layers[-1].out_channels
+    names = ctx.class_names(num_classes)
+    for i, layer in enumerate(layers):
+        stem = safe_name(layer.name)
+        first = layer.name == first_name
+        vectors = _vector_images(layer, view, params.vectors, ctx.input_shape, first)
+        if vectors is not None:
+            grid = render.image_grid(
+                list(vectors),
+                ncols=min(len(vectors), 8),
+                titles=[f"σ{_sub(j + 1)}·v{_sub(j + 1)}" for j in range(len(vectors))],
+                kind="signed",
+                scale="panel",
+                title=f"{layer.name}: top {len(vectors)} singular directions σᵢ·vᵢ "
+                f"({view.value} view)",
+            )
+            ctx.add_grid(
+                f"singular_vectors_{stem}",
+                grid,
+                f"singular_vectors_{stem}.png",
+                f"σᵢ·vᵢ of {layer.name}",
+            )
+        weights = _weight_images(layer, ctx.input_shape, first)
+        if weights is not None:
+            images, ncols = weights
+            linear = layer.kind is LayerKind.LINEAR
+            titles = names[: len(images)] if linear and layer.out_channels == num_classes else None
+            grid = render.image_grid(
+                list(images),
+                ncols=ncols,
+                titles=titles,
+                kind="signed",
+                scale="panel",
+                title=f"{layer.name}: weights"
+                + ("" if linear else " (rows: output channel, columns: input channel)"),
+            )
+            ctx.add_grid(f"weights_{stem}", grid, f"weights_{stem}.png", f"weights of {layer.name}")
+        ctx.progress(0.5 + 0.45 * (i + 1) / len(layers), f"drew {layer.name}")
+
+
+_SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
+
+
+def _sub(n: int) -> str:
+    return str(n).translate(_SUBSCRIPTS)

@@ -1,0 +1,184 @@
+"""The RQ job that runs one analysis: the model and dataset from storage, the analysis (the
+registry's compute entry, through :func:`run_analysis`) with progress in the RQ job's meta, the
+generated images predicted by the same model, the artifacts uploaded, the result stored and
+cached. User errors (a bad layer name, a dataset that does not fit) end the job ``failed`` with
+a readable ``error``; anything else is also re-raised so that RQ keeps the traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from deepscope.analyses.registry import get_analysis, parse_params
+from deepscope.analyses.run import run_analysis, write_result
+from deepscope.catalog import BUILTIN_DATASETS
+from deepscope.contract.errors import user_message
+from deepscope.contract.result import Artifact, GeneratedPrediction, GeneratedPredictions, Result
+from deepscope.contract.status import JobStatus
+from deepscope.models.datasets import Dataset, load_dataset
+from deepscope.models.loading import LoadedModel
+from deepscope.store import lifecycle
+from deepscope.store.backend import Backend
+from deepscope.store.records import JobRecord, ModelRecord
+from deepscope.store.storage import Storage, safe_relpath
+from deepscope.workers import model_cache, runtime
+from deepscope.workers.predict import predictions
+
+__all__ = ["run_job"]
+
+#: Generated images a job predicts (the first ones), and the classes it keeps per image.
+_MAX_GENERATED_PREDICTIONS = 2048
+_GENERATED_TOP_K = 3
+
+
+def _dataset(backend: Backend, job: JobRecord, stack: ExitStack) -> Dataset | None:
+    name = job.dataset
+    if name is None:
+        return None
+    if name in BUILTIN_DATASETS:
+        return load_dataset(name, "train", fashion_mnist_dir=backend.settings.fashion_mnist_dir)
+    rec = backend.records.get_dataset(name, job.tenant)
+    if rec is None:
+        raise ValueError(f"dataset {name} was deleted")
+    path = stack.enter_context(runtime.local_blob(backend.storage, rec.sha256, "dataset.npz"))
+    return dataclasses.replace(load_dataset(str(path), "train"), name=rec.name)
+
+
+def _upload_artifacts(backend: Backend, job: JobRecord, out_dir: Path, result: Result) -> Result:
+    """Every artifact and ``result.json`` to storage; → the result listing ``result.json``."""
+    for artifact in result.artifacts:
+        rel = safe_relpath(artifact.url)
+        backend.storage.put_file(out_dir / rel, Storage.artifact_key(job.tenant, job.id, rel))
+    backend.storage.put_file(
+        out_dir / "result.json", Storage.artifact_key(job.tenant, job.id, "result.json")
+    )
+    listed = Artifact(
+        name="result",
+        url="result.json",
+        media_type="application/json",
+        description="the whole result (metrics, artifacts, warnings)",
+    )
+    return result.model_copy(update={"artifacts": [*result.artifacts, listed]})
+
+
+def run_job(job_id: str) -> dict[str, Any]:
+    """RQ job: run one analysis job (its record holds model, analysis, params, dataset)."""
+    backend = runtime.backend()
+    job = lifecycle.start(backend.records, job_id)
+    if job is None:
+        return {"status": "skipped"}
+    try:
+        with ExitStack() as stack:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="deepscope-job-"))
+            model = backend.records.get_model(job.model_id, job.tenant)
+            if model is None:
+                raise ValueError(f"model {job.model_id} was deleted")
+            device = runtime.device()
+            progress = runtime.ProgressReporter(backend, job_id)
+            progress(0.0, "loading the model")
+            loaded = model_cache.load(backend, model, device)
+            dataset = _dataset(backend, job, stack)
+            params = parse_params(job.analysis, job.params, max_steps=backend.settings.max_steps)
+            out_dir = Path(tmp) / "out"
+            result = run_analysis(
+                loaded,
+                job.analysis,
+                params,
+                out_dir,
+                dataset=dataset,
+                device=device,
+                progress=progress,
+            )
+            result = _predict_generated(loaded, model, out_dir, result, device)
+            result = _upload_artifacts(backend, job, out_dir, result)
+        backend.records.put_result(job_id, result.model_dump(mode="json", by_alias=True))
+        done = lifecycle.finish(backend.records, job_id, JobStatus.SUCCEEDED)
+        if done is not None and done.status is JobStatus.SUCCEEDED and done.cache_key:
+            backend.records.cache_set(done.tenant, done.cache_key, job_id)
+        return {"status": "succeeded"}
+    except runtime.JobCanceledError:
+        return {"status": "canceled"}
+    except Exception as exc:
+        lifecycle.finish(backend.records, job_id, JobStatus.FAILED, runtime.job_error(exc))
+        if isinstance(exc, ValueError):
+            return {"status": "failed", "error": user_message(exc)}
+        raise
+
+
+def _generated_arrays(
+    out_dir: Path, result: Result, shape: tuple[int, int, int]
+) -> Iterator[tuple[str, str, np.ndarray]]:
+    """(artifact url, array name, (N, C, H, W) images) of every ``.npz`` artifact array that
+    holds float images of the model's input shape (generated inputs, in [0, 1] pixel space)."""
+    for artifact in result.artifacts:
+        if artifact.media_type != "application/x-npz":
+            continue
+        url = artifact.url
+        with np.load(out_dir / safe_relpath(url), allow_pickle=False) as data:
+            for key in data.files:
+                arr = np.asarray(data[key])
+                if arr.ndim == 3 and shape[0] == 1:
+                    arr = arr[:, None]
+                if arr.ndim == 4 and tuple(arr.shape[1:]) == shape and arr.dtype.kind == "f":
+                    yield url, key, arr
+
+
+def _predict_generated(
+    loaded: LoadedModel, model: ModelRecord, out_dir: Path, result: Result, device: str
+) -> Result:
+    """``result`` with ``predictions``: what the model says about each generated image.
+
+    The analyses that generate inputs (inverse images, input optimization) write them as
+    ``.npz`` artifacts; each image is clipped to [0, 1] (what a PNG of it holds, and what
+    ``POST /v1/models/{id}/predict`` accepts) and predicted by the same model, so the result
+    answers "does the model see its class in it?" and the user can check any other image
+    through the link. ``result.json`` is rewritten with them.
+    """
+    if not get_analysis(result.analysis).generates_images:
+        return result
+    entries: list[GeneratedPrediction] = []
+    warnings = list(result.warnings)
+    for url, key, arr in _generated_arrays(out_dir, result, loaded.input_shape):
+        room = _MAX_GENERATED_PREDICTIONS - len(entries)
+        if room <= 0:
+            warnings.append(
+                f"only the first {_MAX_GENERATED_PREDICTIONS} generated images were predicted"
+            )
+            break
+        images = np.clip(np.nan_to_num(arr[:room].astype(np.float32)), 0.0, 1.0)
+        for index, pred in enumerate(predictions(loaded, images, _GENERATED_TOP_K, device)):
+            best = pred["top_k"][0]
+            entries.append(
+                GeneratedPrediction.model_validate(
+                    {
+                        "artifact": url,
+                        "array": key,
+                        "index": index,
+                        "predicted_class": best["class"],
+                        "predicted_index": best["index"],
+                        "probability": best["probability"],
+                        "top_k": pred["top_k"],
+                    }
+                )
+            )
+    if not entries:
+        return result
+    result = result.model_copy(
+        update={
+            "warnings": warnings,
+            "predictions": GeneratedPredictions(
+                model_id=model.id,
+                url=f"/v1/models/{model.id}/predict",
+                input="each generated image clipped to [0, 1] pixel space",
+                images=entries,
+            ),
+        }
+    )
+    write_result(result, out_dir)
+    return result

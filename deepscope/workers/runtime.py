@@ -1,0 +1,150 @@
+"""What every job function of a worker shares: its configuration (device, model cache), the
+backend it talks to, progress reports, the error a failure records, and the blobs it reads."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from rq import get_current_job
+
+from deepscope.analyses.run import resolve_device
+from deepscope.contract.errors import user_message
+from deepscope.contract.status import JobError
+from deepscope.settings import Settings
+from deepscope.store.backend import Backend
+from deepscope.store.queues import connect
+from deepscope.store.storage import Storage
+
+__all__ = [
+    "JobCanceledError",
+    "ProgressReporter",
+    "backend",
+    "config",
+    "configure",
+    "device",
+    "job_error",
+    "local_blob",
+    "settings",
+]
+
+_PROGRESS_INTERVAL_S = 0.5
+
+
+class JobCanceledError(Exception):
+    """The job's record says it was canceled: stop where we are."""
+
+
+@dataclasses.dataclass
+class Config:
+    device: str = "cpu"
+    model_cache: int = 0
+
+
+_CONFIG = Config()
+
+
+def config() -> Config:
+    return _CONFIG
+
+
+def configure(*, device: str = "cpu", model_cache: int = 0) -> None:
+    """Set by the worker process: where jobs compute (``cpu``, ``cuda``, ``auto`` — resolved at
+    job time) and how many loaded models to keep (only useful without forking)."""
+    from deepscope.workers import model_cache as cache
+
+    _CONFIG.device = device
+    _CONFIG.model_cache = model_cache
+    cache.clear()
+
+
+@functools.lru_cache(maxsize=1)
+def settings() -> Settings:
+    return Settings()
+
+
+def backend() -> Backend:
+    """The backend of the running job's Redis (or the settings' Redis outside a job)."""
+    current = settings()
+    job = get_current_job()
+    redis = job.connection if job is not None else connect(current.resolved_redis_url())
+    return Backend(current, redis=redis, storage=_storage(current.storage_location))
+
+
+@functools.lru_cache(maxsize=4)
+def _storage(location: str) -> Storage:
+    return Storage(location)
+
+
+def device() -> str:
+    """The device this job computes on, chosen now (never at import: a forked work horse must
+    not inherit a CUDA context)."""
+    return str(resolve_device(None if _CONFIG.device == "auto" else _CONFIG.device))
+
+
+def job_error(exc: BaseException) -> JobError:
+    """What a failed job records: a stable type and one readable line."""
+    kind = type(exc).__name__
+    if kind == "JobTimeoutException":
+        job = get_current_job()
+        limit = job.timeout if job is not None and job.timeout else settings().job_timeout
+        return JobError(
+            type="timeout", message=f"the job timed out after {limit} s (DEEPSCOPE_JOB_TIMEOUT)"
+        )
+    if isinstance(exc, MemoryError) or "can't allocate memory" in str(exc):
+        allowance = settings().job_memory_bytes() // (1024 * 1024)
+        what = f"the {allowance} MiB a job may use" if allowance else "the memory available"
+        detail = user_message(exc).split("DefaultCPUAllocator: ")[-1]
+        return JobError(
+            type="out_of_memory",
+            message=f"the job ran out of memory: it needed more than {what} "
+            f"(DEEPSCOPE_JOB_MEMORY_MB): {detail}",
+        )
+    if isinstance(exc, ValueError):
+        return JobError(type="invalid_input", message=user_message(exc))
+    return JobError(type=kind, message=user_message(exc))
+
+
+@contextmanager
+def local_blob(storage: Storage, sha256: str, name: str) -> Iterator[Path]:
+    """The blob as a local file called ``name`` (a link on local storage, else a copy)."""
+    with tempfile.TemporaryDirectory(prefix="deepscope-") as tmp:
+        target = Path(tmp) / name
+        key = Storage.blob_key(sha256)
+        local = storage.local_path(key)
+        if local is not None:
+            if not local.is_file():
+                raise ValueError("the uploaded file is missing from storage")
+            target.symlink_to(local)
+        else:
+            storage.get_file(key, target)
+        yield target
+
+
+class ProgressReporter:
+    """``progress(fraction, message)`` → the RQ job's meta, at most every 0.5 s; also where a
+    canceled job notices (a worker that does not fork cannot be killed from outside)."""
+
+    def __init__(self, backend: Backend, job_id: str) -> None:
+        self.backend = backend
+        self.job_id = job_id
+        self.last = 0.0
+
+    def __call__(self, fraction: float, message: str) -> None:
+        now = time.monotonic()
+        if now - self.last < _PROGRESS_INTERVAL_S and fraction < 1.0:
+            return
+        self.last = now
+        job = get_current_job()
+        if job is not None:
+            job.meta["progress"] = round(float(fraction), 4)
+            job.meta["message"] = message
+            job.save_meta()  # type: ignore[no-untyped-call]
+        rec = self.backend.records.get_job(self.job_id)
+        if rec is None or rec.cancel_requested:
+            raise JobCanceledError(self.job_id)

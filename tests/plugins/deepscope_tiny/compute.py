@@ -1,0 +1,34 @@
+"""The worker side of ``weight_norms``."""
+
+from __future__ import annotations
+
+import torch
+
+from deepscope import render
+from deepscope.analyses.context import RunContext, to_numpy
+from deepscope_tiny import WeightNormsMetrics, WeightNormsParams
+
+
+def run(ctx: RunContext) -> WeightNormsMetrics:
+    params = ctx.params
+    assert isinstance(params, WeightNormsParams)
+    layers = [
+        {
+            "name": layer.name,
+            "frobenius_norm": params.scale * float(torch.linalg.norm(layer.weight)),
+        }
+        for layer in ctx.loaded.layers
+    ]
+    first = ctx.loaded.layers[0].weight.detach().double()
+    if (
+        first.ndim == 2
+        and first.shape[1] == first[0].numel() == torch.Size(ctx.input_shape).numel()
+    ):
+        grid = render.image_grid(
+            list(to_numpy(first[:4].reshape(-1, *ctx.input_shape))),
+            kind="signed",
+            title="first rows of the first layer",
+        )
+        ctx.add_grid("first_rows", grid, "first_rows.png", "the first layer's first rows")
+    ctx.progress(1.0, "done")
+    return WeightNormsMetrics.model_validate({"layers": layers})
