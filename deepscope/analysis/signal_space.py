@@ -440,6 +440,11 @@ def top_singular_directions(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
     kernel shape. Each ``v_i``'s sign is fixed so that its largest-magnitude entry is positive
     (an SVD's signs are arbitrary; results must be reproducible).
 
+    Computed from the Gram matrix of the smaller side (``AᵀA`` or ``AAᵀ``, at most
+    ``min(m, n)²``): one BLAS-3 product instead of an SVD of a 262144 × 9 kernels matrix. Its
+    rounding error in ``v_i`` is about ``eps · (σ_1 / σ_i)²`` (eps of the weights' dtype), far
+    below what a picture shows for the leading directions these are.
+
     Returns:
         ``(σ[:k], Vh[:k])``: ``(k',)`` and ``(k', n)`` float64, ``k' = min(k, m, n)``.
 
@@ -450,16 +455,22 @@ def top_singular_directions(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
         raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    a = matrix.to(torch.float64)
-    if a.shape[0] >= a.shape[1]:
-        # A = QR with Q orthonormal: R (n × n) has A's singular values and right vectors, and
-        # its SVD skips A's m × n left vectors (m = 262144 rows in resnet's kernels view).
-        _, sigma, vh = torch.linalg.svd(torch.linalg.qr(a, mode="r").R)
+    # The Gram product in the weights' own precision (float32: half the memory traffic of a
+    # float64 copy of a 262144 × 9 matrix), its eigendecomposition in float64.
+    a = matrix if matrix.dtype in (torch.float32, torch.float64) else matrix.float()
+    m, n = a.shape
+    k = min(k, m, n)
+    if m >= n:
+        # AᵀA = V Σ² Vᵀ: the right vectors directly.
+        lam, vecs = torch.linalg.eigh((a.mT @ a).double())
+        sigma = lam.flip(0)[:k].clamp_min(0).sqrt()
+        vh = vecs.flip(1)[:, :k].mT
     else:
-        # Aᵀ = U S Vᵀ gives A = V S Uᵀ: A's right vectors are Aᵀ's left ones (tall path).
-        u, sigma, _ = torch.linalg.svd(a.mT, full_matrices=False)
-        vh = u.mT
-    sigma, vh = sigma[:k], vh[:k]
+        # AAᵀ = U Σ² Uᵀ, and v_i = Aᵀu_i / σ_i.
+        lam, vecs = torch.linalg.eigh((a @ a.mT).double())
+        sigma = lam.flip(0)[:k].clamp_min(0).sqrt()
+        u = vecs.flip(1)[:, :k]
+        vh = (a.double().mT @ u).mT / torch.where(sigma > 0, sigma, 1.0)[:, None]
     peak = vh.gather(1, vh.abs().argmax(dim=1, keepdim=True))
     return sigma, vh * torch.where(peak < 0, -1.0, 1.0).to(vh.dtype)
 

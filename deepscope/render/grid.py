@@ -15,7 +15,7 @@ import json
 import math
 import os
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Final, Literal
 
@@ -54,6 +54,7 @@ PANELS_KEY: Final = "deepscope:panels"
 _CMAP: Final[dict[str, str]] = {"signed": "RdBu_r", "image": "gray", "magnitude": "viridis"}
 #: Colormaps centred at 0 (symmetric limits): values of one sign use one half.
 DIVERGING: Final = frozenset({_CMAP["signed"]})
+_MAX_RANGE_LABELS: Final = 64
 _SCALE_WORDS: Final[dict[str, str]] = {
     "panel": "per panel (range under each panel)",
     "row": "per row (range at the right of each row)",
@@ -127,8 +128,13 @@ class Grid:
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
         info = PngInfo()
-        info.add_text(PANELS_KEY, json.dumps([asdict(p) for p in self.panels]), zip=True)
-        self.image.save(out, format="PNG", pnginfo=info)
+        # Shallow field dicts: the boxes hold only numbers, strings and tuples of numbers
+        # (dataclasses.asdict deep-copies every tuple, a noticeable cost over many grids).
+        layout = [{f.name: getattr(p, f.name) for f in fields(p)} for p in self.panels]
+        info.add_text(PANELS_KEY, json.dumps(layout), zip=True)
+        # Level 1: these are flat-colour pictures, which compress well at once; level 6 costs
+        # several times the encode time for a few percent.
+        self.image.save(out, format="PNG", pnginfo=info, compress_level=1)
         return out
 
 
@@ -421,8 +427,18 @@ def image_grid(
     limits, how, row_limits = _limits(usable, scale, cols, signed, fixed)
     coeffs = np.array([_linear(*lim) for lim in limits], dtype=np.float64)  # (N, 2): a, b
     counts = [_count(tiles[k], is_rgb[k], *coeffs[k]) for k in range(n)]
+    # Past this many panels a range under each would be a wall of numbers (and most of the
+    # drawing time): the caption says the ranges are left out.
+    ranges_shown = n <= _MAX_RANGE_LABELS
     notes = [
-        _notes(counts[k], constant[k], limits[k], how[k], signed, bool(finite[k].size))
+        _notes(
+            counts[k],
+            constant[k],
+            limits[k],
+            how[k] if ranges_shown or how[k] != "panel" else "",
+            signed,
+            bool(finite[k].size),
+        )
         for k in range(n)
     ]
 
@@ -464,6 +480,8 @@ def image_grid(
     inner = width - 2 * _MARGIN
     scale_used = "fixed" if fixed is not None else scale
     caption = f"colour scale: {_SCALE_WORDS[scale_used]}"
+    if scale_used == "panel" and not ranges_shown:
+        caption = f"colour scale: per panel ({n} panels: ranges not printed)"
     if scale_used in ("shared", "fixed"):
         caption += ", " + txt.span_text(*limits[0], signed=signed and fixed is None)
     if "own" in how:

@@ -25,7 +25,10 @@ from deepscope.models.loading import layer_input_shapes
 
 __all__ = ["run"]
 
-_MAX_WEIGHT_ROWS = 16  # rows / channels of a weight grid: more is unreadable at a glance
+#: Output (rows) and input (columns) channels of a conv's weight grid: more is unreadable at a
+#: glance (every weight is in the model file).
+_MAX_WEIGHT_ROWS = 16
+_MAX_WEIGHT_COLS = 8
 
 
 def run(ctx: RunContext) -> SignalSpaceMetrics:
@@ -62,12 +65,20 @@ def run(ctx: RunContext) -> SignalSpaceMetrics:
     return SignalSpaceMetrics(view=view.value, layers=entries)
 
 
+def _kernel_is_image(layer: WeightLayer) -> bool:
+    # A 1×1 kernel (most convs of a bottleneck ResNet) is a single pixel: as a picture it
+    # shows nothing a table does not.
+    return layer.kind is LayerKind.CONV2D and math.prod(layer.kernel_size) > 1
+
+
 def _vector_images(
     layer: WeightLayer, view: ConvView, k: int, input_shape: tuple[int, int, int], first: bool
 ) -> np.ndarray | None:
     """σᵢ·vᵢ ``(k, *shape)`` reshaped to the input (first Linear layer) or to the kernel; None
     where no shape fits."""
     if view is ConvView.OPERATOR or k == 0:
+        return None
+    if layer.kind is LayerKind.CONV2D and not _kernel_is_image(layer):
         return None
     if layer.kind is LayerKind.LINEAR:
         if not first or layer.in_channels != math.prod(input_shape):
@@ -84,14 +95,23 @@ def _vector_images(
 def _weight_images(
     layer: WeightLayer, input_shape: tuple[int, int, int], first: bool
 ) -> tuple[np.ndarray, int] | None:
-    """The raw weights as images ``(N, ...)`` and the grid's columns, or None."""
+    """The raw weights as images ``(N, ...)`` and the grid's columns, or None.
+
+    Only the first layer's: its rows (or kernels) act on the pixels, so they are pictures of
+    what it looks for. Deeper layers' weights act on feature maps; their singular directions
+    are drawn instead.
+    """
+    if not first:
+        return None
     w = layer.weight.detach().cpu().double()
     if layer.kind is LayerKind.LINEAR:
-        if not first or layer.in_channels != math.prod(input_shape):
+        if layer.in_channels != math.prod(input_shape):
             return None
         rows = to_numpy(w[:_MAX_WEIGHT_ROWS].reshape(-1, *input_shape))
         return rows, min(len(rows), 8)
-    out_c, in_c = min(w.shape[0], _MAX_WEIGHT_ROWS), min(w.shape[1], _MAX_WEIGHT_ROWS)
+    if not _kernel_is_image(layer):
+        return None
+    out_c, in_c = min(w.shape[0], _MAX_WEIGHT_ROWS), min(w.shape[1], _MAX_WEIGHT_COLS)
     kernels = to_numpy(w[:out_c, :in_c].reshape(out_c * in_c, *layer.kernel_size))
     return kernels, in_c
 
