@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench reliability clean
+.PHONY: install run test lint typecheck unit bench bench-peers reliability clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,13 @@ test: lint typecheck unit
 reliability: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m reliability -s tests/integration/test_reliability.py
 
-bench: $(STAMP)
+# The peers the benchmarks compare against, installed offline-friendly: Lucent without its
+# notebook dependencies (and the old kornia it was written for), WeightWatcher.
+bench-peers: $(STAMP)
+	$(BIN)/pip install -q --no-deps torch-lucent
+	$(BIN)/pip install -q "kornia<=0.4.1" weightwatcher
+
+bench: bench-peers
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:

@@ -8,7 +8,10 @@ For information: the operator view of resnet18 at 224×224, and with ``--tall-fl
 with each matrix decomposed in its tall orientation (``svdvals(Mᵀ)`` when m < n, as
 signal_space does: MKL's wide path is several times slower).
 
-Run: ``.venv/bin/python bench/bench_signal_space.py [--repeats N] [--tall-floor] [--no-operator]``.
+Peers: ``WeightWatcher.analyze`` on the same models (skipped when weightwatcher is absent).
+
+Run: ``.venv/bin/python bench/bench_signal_space.py [--repeats N] [--tall-floor] [--no-operator]
+[--no-peers]``.
 """
 
 from __future__ import annotations
@@ -81,6 +84,11 @@ def main() -> None:
     parser.add_argument(
         "--no-operator", action="store_true", help="skip the operator view (resnet18, 224×224)"
     )
+    parser.add_argument(
+        "--no-peers",
+        action="store_true",
+        help="skip WeightWatcher.analyze on the same models (`make bench-peers` installs it)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(2)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU, float64 SVDs")
@@ -107,6 +115,8 @@ def main() -> None:
                 + (fmt(tall[0]) if tall else "")
             )
     print(f"target ≤ {TARGET}× (ratio = signal_space / floor; CPU-time ratio in parentheses)")
+    if not args.no_peers:
+        weightwatcher_ratio(args.repeats)
 
     if args.no_operator:
         return
@@ -121,6 +131,45 @@ def main() -> None:
         f"resnet18 operator view at 224×224 (information): {elapsed:.2f}s ({cpu:.2f}s CPU), "
         f"one run, {count} singular values"
     )
+
+
+def weightwatcher_ratio(repeats: int) -> None:
+    """WeightWatcher (the peer tool for layer spectra) against signal_space on the same models.
+
+    ``WeightWatcher.analyze()`` with its defaults: every Linear and Conv2d layer's eigenvalues
+    (a Conv2d as its kh·kw slices of out × in), plus a power-law fit per layer. signal_space
+    computes every layer's singular values and their statistics (the kernels and filters views
+    each decompose one matrix per layer). Both on the CPU, same threads.
+    """
+    try:
+        import logging
+
+        import weightwatcher  # type: ignore[import-not-found]
+    except ImportError:
+        print("weightwatcher: not installed, comparison skipped (pip install weightwatcher)")
+        return
+    logging.getLogger("weightwatcher").setLevel(logging.ERROR)
+    print(f"\nweightwatcher {weightwatcher.__version__}: analyze() on the same models")
+    for arch in ("resnet18", "resnet50"):
+        model = build(arch)
+        layers = weight_layers(model)
+
+        def peer(model: nn.Module = model) -> None:
+            weightwatcher.WeightWatcher(model=model).analyze()
+
+        ours_k, ours_f, theirs = median_times(
+            [
+                lambda: signal_space(layers, ConvView.KERNELS),  # noqa: B023
+                lambda: signal_space(layers, ConvView.FILTERS),  # noqa: B023
+                peer,
+            ],
+            max(1, repeats // 2),
+        )
+        print(
+            f"{arch:<9} WeightWatcher.analyze {fmt(theirs)}; signal_space kernels {fmt(ours_k)} "
+            f"({theirs[0] / ours_k[0]:.1f}× faster), filters {fmt(ours_f)} "
+            f"({theirs[0] / ours_f[0]:.1f}× faster)"
+        )
 
 
 if __name__ == "__main__":
