@@ -217,7 +217,7 @@ def error_message(exc: BaseException) -> str:
     """One readable line for a user error (pydantic's errors become ``field: problem; ...``)."""
     from deepscope.contract.errors import user_message
 
-    return user_message(exc)
+    return user_message(exc, local=True)  # the user's own paths stay
 
 
 def main() -> None:
@@ -239,6 +239,12 @@ def api(
     host: Annotated[str, typer.Option(help="interface to listen on")] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     log_level: Annotated[str, typer.Option(help="uvicorn log level")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1, max=64, help="API processes sharing the port (uvicorn's process manager)"
+        ),
+    ] = 1,
 ) -> None:
     """Serve the HTTP API (uvicorn). Needs Redis: DEEPSCOPE_REDIS_URL or a running `up`."""
     import uvicorn
@@ -252,6 +258,9 @@ def api(
         host=host,
         port=port,
         log_level=log_level,
+        # Several processes: uvicorn's supervisor forks them, restarts one that dies, and
+        # the kernel spreads connections over them (SO_REUSEPORT is not needed: one socket).
+        workers=workers,
         timeout_graceful_shutdown=5,
     )
 

@@ -14,7 +14,15 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from deepscope.analyses.registry import DEFAULT_MAX_STEPS
 
-__all__ = ["DEFAULT_TENANT", "DEV_KEY_FILE", "REDIS_URL_FILE", "Settings", "parse_api_keys"]
+__all__ = [
+    "DEFAULT_TENANT",
+    "DEV_KEY_FILE",
+    "MIN_JOB_MEMORY_MB",
+    "REDIS_URL_FILE",
+    "Settings",
+    "machine_memory_bytes",
+    "parse_api_keys",
+]
 
 #: The tenant of the development key that ``deepscope up`` makes when no keys are configured.
 DEFAULT_TENANT = "default"
@@ -25,6 +33,31 @@ DEV_KEY_FILE = "dev-api-key"
 REDIS_URL_FILE = "run/redis.url"
 
 _MiB = 1024 * 1024
+
+
+#: The least memory (MiB) a job is allowed by default, however many workers share a machine.
+MIN_JOB_MEMORY_MB = 1024
+_CGROUP_LIMITS = (
+    Path("/sys/fs/cgroup/memory.max"),  # cgroup v2
+    Path("/sys/fs/cgroup/memory/memory.limit_in_bytes"),  # cgroup v1
+)
+
+
+def machine_memory_bytes() -> int | None:
+    """The memory this machine gives its processes: the physical memory, or the container's
+    cgroup limit where that is lower; None when unknown."""
+    try:
+        total: int | None = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        total = None
+    for path in _CGROUP_LIMITS:
+        try:
+            text = path.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit() and (total is None or int(text) < total):
+            total = int(text)
+    return total
 
 
 def parse_api_keys(text: str) -> dict[str, str]:
@@ -73,6 +106,19 @@ class Settings(BaseSettings):
     max_models_per_tenant: int = Field(default=100, gt=0)
     max_datasets_per_tenant: int = Field(default=100, gt=0)
     max_steps: int = Field(default=DEFAULT_MAX_STEPS, gt=0)
+    tenant_running_jobs: int = Field(
+        default=2,
+        gt=0,
+        description="analysis jobs one tenant may have in the queues at once (queued there or "
+        "running); the others wait their turn, so no tenant's backlog stands in front of "
+        "another's job by more than this many jobs",
+    )
+    tenant_queued_jobs: int = Field(
+        default=1000,
+        ge=0,
+        description="jobs one tenant may have waiting for a slot; past it a submission gets "
+        "429 with Retry-After",
+    )
     allow_code_models: bool = Field(
         default=False, description="accept code-bearing formats (pt2, torchscript)"
     )
@@ -87,13 +133,35 @@ class Settings(BaseSettings):
         default=None,
         ge=0,
         description="address space (MiB) one job may add to its process (RLIMIT_AS in the "
-        "job's own process); None: 80% of the machine's memory; 0: no limit",
+        "job's own process); None: 80% of the machine's memory (its cgroup limit where that "
+        "is lower) divided by DEEPSCOPE_WORKERS_PER_MACHINE, at least 1024 MiB, so that every "
+        "worker of the machine can run a job at once; 0: no limit",
+    )
+    workers_per_machine: int = Field(
+        default=2,
+        ge=1,
+        description="worker processes (cpu and gpu) on this machine, each running a job at a "
+        "time: the default job memory is the machine's memory shared among them. `deepscope "
+        "up` sets it to the workers it starts",
+    )
+    upload_sweep_age_s: int = Field(
+        default=3600,
+        ge=0,
+        description="when the API starts, temporary upload files and stored blobs that no "
+        "model or dataset references (left by a process that died mid-upload) are deleted "
+        "once older than this many seconds; 0: never",
     )
     worker_dead_after_s: int = Field(
         default=15,
         ge=3,
         description="seconds without a heartbeat after which a worker counts as dead and its "
         "job is retried or failed",
+    )
+    worker_grace_s: float = Field(
+        default=20.0,
+        ge=0,
+        description="seconds a worker told to stop (SIGTERM) gives its current job to finish; "
+        "past them the job is stopped and queued again (no retry spent)",
     )
     max_image_pixels: int = Field(
         default=4096 * 4096, gt=0, description="pixels (width × height) of one posted image"
@@ -126,14 +194,16 @@ class Settings(BaseSettings):
         return None
 
     def job_memory_bytes(self) -> int:
-        """The per-job address-space allowance in bytes (0: unlimited)."""
+        """The per-job address-space allowance in bytes (0: unlimited): ``job_memory_mb``, else
+        80% of the machine's memory shared among ``workers_per_machine`` workers, at least
+        :data:`MIN_JOB_MEMORY_MB`."""
         if self.job_memory_mb is not None:
             return self.job_memory_mb * _MiB
-        try:
-            total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-        except (ValueError, OSError, AttributeError):
+        total = machine_memory_bytes()
+        if total is None:
             return 0
-        return int(total * 0.8)
+        share = int(total * 0.8) // self.workers_per_machine
+        return max(share, MIN_JOB_MEMORY_MB * _MiB)
 
     @property
     def storage_location(self) -> str:

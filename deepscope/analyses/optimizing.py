@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -34,9 +35,17 @@ def optimization_model(ctx: RunContext, needs_layers: bool) -> torch.nn.Module:
     return model.to(ctx.device)
 
 
-def optimization_progress(ctx: RunContext) -> Callable[[float, float], None]:
-    """``progress(fraction, objective)`` of the optimizers → the job's progress and message."""
-    return lambda f, objective: ctx.progress(0.9 * f, f"optimizing: objective {objective:.4g}")
+def optimization_progress(ctx: RunContext, steps: int) -> Callable[[float, float], None]:
+    """``progress(fraction, objective)`` of the optimizers → the job's progress and message:
+    ``optimizing: step k/steps, objective x`` (without the objective before the first step,
+    which the optimizers report as NaN)."""
+
+    def report(fraction: float, objective: float) -> None:
+        step = min(steps, round(fraction * steps))
+        value = f", objective {objective:.4g}" if math.isfinite(objective) else ""
+        ctx.progress(0.9 * fraction, f"optimizing: step {step}/{steps}{value}")
+
+    return report
 
 
 def source_images(ctx: RunContext, analysis: str, indices: Sequence[int]) -> Tensor:
@@ -93,11 +102,13 @@ def run_from_images(
     model = optimization_model(ctx, needs_layers=True)
     source = source_images(ctx, analysis, params.images)
     norm = ctx.loaded.normalization
+    # Caricature optimizes each octave in turn.
+    total = params.steps * int(getattr(params, "octaves", 1))
     result = function(
         model,
         source,
         normalization=(norm.mean, norm.std),
-        progress=optimization_progress(ctx),
+        progress=optimization_progress(ctx, total),
         **params.model_dump(exclude={"analysis", "images"}),
     )
     ctx.warnings += result.warnings

@@ -9,7 +9,10 @@ from pydantic import Field, ValidationInfo, field_validator
 
 from deepscope.analyses.registry import DEFAULT_MAX_STEPS, AnalysisParams
 
-__all__ = ["FromImagesParams", "LayerParams", "OptimizingParams"]
+__all__ = ["MAX_IMAGE_INDEX", "FromImagesParams", "LayerParams", "OptimizingParams"]
+
+#: The largest dataset index a job may name (the worker checks the dataset's own length).
+MAX_IMAGE_INDEX = 100_000_000
 
 
 class LayerParams(AnalysisParams):
@@ -37,7 +40,7 @@ class OptimizingParams(AnalysisParams):
 class FromImagesParams(OptimizingParams):
     """Analyses that start from (or rebuild) dataset images at named layers."""
 
-    images: list[Annotated[int, Field(ge=0)]] = Field(
+    images: list[Annotated[int, Field(ge=0, le=MAX_IMAGE_INDEX)]] = Field(
         default_factory=lambda: [0],
         min_length=1,
         max_length=16,

@@ -21,9 +21,11 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from deepscope.contract.result import Metrics
+from deepscope.contract.text import TextError, check_text
 
 __all__ = [
     "DEFAULT_MAX_STEPS",
@@ -57,13 +59,24 @@ class Resource(StrEnum):
 
 
 class AnalysisParams(BaseModel):
-    """Base of every analysis's params: unknown fields are errors, values are immutable.
+    """Base of every analysis's params: unknown fields are errors, values are immutable,
+    numbers are finite (NaN and infinities are refused), and text is valid Unicode.
 
     Subclasses declare ``analysis: Literal["their name"] = "their name"``, the tag of the
-    discriminated union the service validates against.
+    discriminated union the service validates against. Every numeric field should have an
+    upper bound (``le``), so that no value a client can send fails only in the worker.
     """
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _valid_text(cls, data: Any) -> Any:
+        try:
+            check_text(data)
+        except TextError as exc:
+            raise PydanticCustomError("invalid_text", str(exc)) from None
+        return data
 
 
 @dataclass(frozen=True)

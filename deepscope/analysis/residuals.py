@@ -7,24 +7,44 @@ energy it loses. The paper also looks at each output unit on its own: the per-ro
 ``r_i = x − (w_iᵀx / w_iᵀw_i) w_i`` is what row ``i`` alone does not see.
 
 Linear layers are projected exactly with the SVD of ``W``. A convolution is a huge sparse matrix
-(``C_out·H_out·W_out × C_in·H·W``), so it is never formed: ``P x`` is the minimum-norm least-squares
-solution of ``A p ≈ A x``, found by CGLS (conjugate gradients on ``AᵀA p = AᵀA x`` started at
-``p = 0``, so every iterate lies in ``range(Aᵀ)``, the row space) using only the convolution and its
-adjoint. Everything is computed in float64.
+``A`` (``C_out·H_out·W_out × C_in·H·W``) that is never formed when large. Its projection is found
+on whichever side is smaller, after setting aside the structural null space (input pixels no tap
+reads, e.g. the odd pixels of a 1×1 stride-2 conv):
+
+* injective on the read pixels (columns ≤ rows, and the smallest singular value of ``A`` is
+  positive): ``P x = x`` there and 0 on the unread pixels: nothing is solved. Square 3×3 convs
+  are in this case, and they are the ill-conditioned ones (``σ_min/σ_max ≈ 10⁻⁵``), so their
+  ``σ_min`` comes from shift-invert with an exact inverse
+  (:mod:`deepscope.analysis.precondition`), not from a Krylov solve that would stall;
+* surjective (rows < columns, ``AAᵀ`` invertible, e.g. stride-2 convs doubling the channels):
+  ``P x = Aᵀ y`` with ``AAᵀ y = A x``, solved exactly (dense Cholesky) or by CG in float32 with
+  float64 iterative refinement, all samples at once;
+* otherwise (rank-deficient beyond the structure): CGLS on the normal equations, as a fallback
+  without a certified error.
+
+Each conv result carries ``error_bound``, an upper bound on ``‖p − P x‖ / ‖x‖`` (see
+:class:`RowSpaceResult`), so a reader knows how far to trust ``lost_fraction``.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor, nn
-from torch.nn.grad import conv2d_input
 
+from deepscope.analysis.conv_operator import ConvOperator
 from deepscope.analysis.hooks import Where, capture_activations, eval_mode
+from deepscope.analysis.krylov import batched_cg, sq_norms
 from deepscope.analysis.layers import LayerKind, WeightLayer, finite_or_raise
+from deepscope.analysis.operator_spectrum import (
+    OperatorStructure,
+    gram_inverse,
+    smallest_singular_values,
+)
+from deepscope.analysis.precondition import GramInverse
 
 __all__ = [
     "LayerResiduals",
@@ -36,6 +56,9 @@ __all__ = [
 ]
 
 _F64 = torch.float64
+_EPS64 = float(torch.finfo(_F64).eps)
+#: The Lanczos basis for σ_min (float64 entries): 64 MiB, ~100 steps on 64×56×56 inputs.
+_LANCZOS_ENTRIES = 1 << 23
 
 
 @dataclass
@@ -45,16 +68,36 @@ class RowSpaceResult:
     Attributes:
         projection: ``P_row(W) x``, x's shape and dtype (computed in float64).
         residual: ``x − P_row(W) x``, the null-space component; x's shape and dtype.
-        relative_error: ``(B,)`` float64, how exactly the projection was found: 0 for Linear
-            layers (direct SVD); for convolutions ``‖AᵀA(p − x)‖ / ‖AᵀA x‖`` evaluated afresh at
-            the returned ``p`` (0 where ``AᵀA x = 0``).
-        iterations: CGLS iterations run (the most over the batch); 0 for Linear layers.
+        relative_error: ``(B,)`` float64, the normal-equations residual
+            ``‖AᵀA(p − x)‖ / ‖AᵀA x‖`` at the returned ``p`` (0 where ``AᵀA x = 0``; 0 for Linear
+            layers). Kept for continuity: it is NOT the error of the projection. Directions the
+            layer barely sees weigh ``σ²`` in it, so an ill-conditioned layer can read 1e-5 here
+            while ``p`` is off by percents; ``error_bound`` is the error.
+        iterations: iterations of the conv solve (CG or CGLS, the most over the batch); 0 when
+            nothing is solved iteratively (Linear, injective, dense).
+        error_bound: ``(B,)`` float64, an upper bound on ``‖p − P x‖ / ‖x‖``, the error of the
+            returned projection relative to the input (0 for a zero input). Linear layers and
+            injective convs: 0 (``p`` is exact: ``x V Vᵀ`` from the SVD, or ``x`` itself). A
+            surjective conv solved for ``p = Aᵀ y``: ``‖A x − AAᵀ y‖ / σ_min(A)`` plus a
+            rounding term, where ``σ_min`` is a lower bound on the smallest singular value of
+            ``A`` (found by Lanczos and checked with the operator itself; the bound assumes
+            Lanczos found the smallest one). ``inf`` for the rank-deficient fallback, which
+            has no certified bound. The lost fraction is then within
+            ``2·error_bound + error_bound²`` of the true one.
+        method: how the conv projection was found: ``linear`` (SVD), ``injective``,
+            ``surjective (dense Cholesky)``, ``surjective (CG, float32 + float64 refinement)``,
+            ``rank-deficient (CGLS)``.
+        sigma_min: the smallest singular value of the layer's map on its smaller side
+            (structural zeros set aside) as computed, None for Linear layers and the fallback.
     """
 
     projection: Tensor
     residual: Tensor
     relative_error: Tensor
     iterations: int
+    error_bound: Tensor = field(default_factory=lambda: torch.zeros(0, dtype=_F64))
+    method: str = "linear"
+    sigma_min: float | None = None
 
 
 @dataclass
@@ -132,18 +175,20 @@ def row_space_residual(
     values exceed ``σ_max · max(out, in) · eps`` (eps of the weight's dtype). ``x`` is
     ``(B, in)`` (or ``(B, ..., in)``: the projection acts on the last axis).
 
-    Conv2d: matrix-free CGLS on ``AᵀA p = AᵀA x`` from ``p = 0`` with ``A`` the convolution
-    without bias (any stride, padding, padding mode, dilation, groups) and ``Aᵀ`` its adjoint;
-    batched with per-sample step sizes; stops per sample when ``‖AᵀA(p − x)‖ ≤ rtol·‖AᵀA x‖``
-    or after ``max_iter`` iterations. ``x`` is ``(B, C_in, H, W)``. Memory: a few float64 copies
-    of ``x`` and of the layer's output, never the operator's matrix.
+    Conv2d (any stride, padding, padding mode, dilation, groups; ``x`` is ``(B, C_in, H, W)``):
+    the row space of the layer's map ``A`` on ``C_in × H × W`` (no bias), as the stored weights
+    define it: a singular value counts as nonzero above ``σ_max·max(m, n)·eps(float64)``, so an
+    ill-conditioned but injective layer (a square 3×3 conv, ``σ_min/σ_max ≈ 10⁻⁵``) loses
+    nothing. See the module docstring for the three routes (injective, surjective, fallback);
+    the result's ``method`` says which one ran and ``error_bound`` how exact it is. Runs on
+    ``x``'s device; the samples are solved together.
 
-    How to read a conv result: components of ``x`` along singular directions with tiny
-    singular values are resolved last, so a stopped solve leaves them in ``residual``. A square
-    layer with generic weights (a stride-1 3×3 conv with C_out = C_in) is injective, yet its
-    singular values reach down to 0 and CGLS converges slowly (≈ 1/k² in ``relative_error``):
-    its ``residual`` is then the energy the layer barely sees (σ ≲ σ_max·√rtol, roughly), not
-    an exact null-space component. ``relative_error`` says how far the solve got.
+    Args:
+        layer: the layer.
+        x: its input batch.
+        rtol: the target of ``error_bound`` for a surjective conv solved by CG (stop when the
+            bound is at most ``rtol``), and the normal-equations tolerance of the fallback.
+        max_iter: the most CG (or CGLS) iterations.
 
     Raises:
         ValueError: ``x`` does not fit the layer, or ``rtol``/``max_iter`` out of range.
@@ -167,82 +212,22 @@ def _linear_row_space(layer: WeightLayer, x: Tensor) -> RowSpaceResult:
     v = vh[: int((sigma > tol).sum())].T  # (in, rank)
     x64 = x.detach().to(_F64)
     p = (x64 @ v) @ v.T
+    zeros = torch.zeros(x.shape[0], dtype=_F64, device=x.device)
     return RowSpaceResult(
         projection=p.to(x.dtype),
         residual=(x64 - p).to(x.dtype),
-        relative_error=torch.zeros(x.shape[0], dtype=_F64, device=x.device),
+        relative_error=zeros,
         iterations=0,
+        error_bound=zeros.clone(),
+        method="linear",
     )
 
 
-_PAD_MODES = ("zeros", "reflect", "replicate", "circular")
-
-
-def _pad_index(n: int, pad: int, mode: str, device: torch.device) -> Tensor:
-    """Which input position each of the ``n + 2·pad`` padded positions copies (as F.pad does)."""
-    k = torch.arange(-pad, n + pad, device=device)
-    if mode == "circular":
-        return k.remainder(n)
-    if mode == "reflect":
-        return torch.where(k < 0, -k, torch.where(k >= n, 2 * (n - 1) - k, k))
-    return k.clamp(0, n - 1)  # replicate
-
-
-class _ConvOperator:
-    """``A`` (the convolution without bias) and ``Aᵀ`` on float64 inputs of one fixed shape."""
+class _ConvOperator(ConvOperator):
+    """:class:`ConvOperator` built from a full input shape ``(B, C_in, H, W)`` (older callers)."""
 
     def __init__(self, layer: WeightLayer, shape: torch.Size, device: torch.device) -> None:
-        if layer.padding_mode not in _PAD_MODES:
-            raise ValueError(
-                f"layer {layer.name!r} has padding mode {layer.padding_mode!r}; "
-                f"valid modes are: {', '.join(_PAD_MODES)}"
-            )
-        weight = layer.weight.detach().to(device=device, dtype=_F64)
-        # Cast once: WeightLayer.apply is then a plain conv, no per-call weight copy.
-        self._layer = replace(layer, weight=weight, bias=None)
-        self._weight = weight
-        self._shape = shape
-        self._pad_index: tuple[Tensor, Tensor] | None = None
-        if layer.padding_mode != "zeros":
-            # A = conv(no padding) ∘ pad, and these pads copy input pixels, so padᵀ adds each
-            # padded pixel back onto the pixel it copies.
-            (p_h, p_w), (h, w) = layer.padding, (int(shape[2]), int(shape[3]))
-            self._pad_index = (
-                _pad_index(h, p_h, layer.padding_mode, device),
-                _pad_index(w, p_w, layer.padding_mode, device),
-            )
-            self._conv_input_size = torch.Size((*shape[:2], h + 2 * p_h, w + 2 * p_w))
-            self._conv_padding: tuple[int, int] = (0, 0)
-        else:
-            self._conv_input_size = shape
-            self._conv_padding = layer.padding
-
-    def forward(self, x: Tensor) -> Tensor:
-        """``(B, C_in, H, W)`` → ``(B, C_out, H_out, W_out)``."""
-        return self._layer.apply(x)
-
-    def adjoint(self, y: Tensor) -> Tensor:
-        """``(B, C_out, H_out, W_out)`` → ``(B, C_in, H, W)``."""
-        g: Tensor = conv2d_input(  # type: ignore[no-untyped-call]
-            self._conv_input_size,
-            self._weight,
-            y,
-            stride=self._layer.stride,
-            padding=self._conv_padding,
-            dilation=self._layer.dilation,
-            groups=self._layer.groups,
-        )
-        if self._pad_index is None:
-            return g
-        idx_h, idx_w = self._pad_index
-        b, c, h, w = self._shape
-        g = g.new_zeros((b, c, g.shape[2], w)).index_add_(3, idx_w, g)
-        return g.new_zeros((b, c, h, w)).index_add_(2, idx_h, g)
-
-
-def _sq_norms(t: Tensor) -> Tensor:
-    """``(B,)`` squared norms over all but the first axis."""
-    return t.flatten(1).pow(2).sum(dim=1)
+        super().__init__(layer, (int(shape[2]), int(shape[3])), device=device)
 
 
 def _conv_row_space(layer: WeightLayer, x: Tensor, rtol: float, max_iter: int) -> RowSpaceResult:
@@ -251,48 +236,163 @@ def _conv_row_space(layer: WeightLayer, x: Tensor, rtol: float, max_iter: int) -
             f"layer {layer.name!r} takes (B, {layer.in_channels}, H, W) inputs, "
             f"got shape {tuple(x.shape)}"
         )
-    op = _ConvOperator(layer, x.shape, x.device)
+    op = ConvOperator(layer, (int(x.shape[2]), int(x.shape[3])), device=x.device)
     x64 = x.detach().to(_F64)
-    per_sample = (-1,) + (1,) * (x.dim() - 1)
+    x_norm = sq_norms(x64).sqrt()
+    structure = OperatorStructure.of(op)
+    iterations = 0
+    sigma_min: float | None = None
+    if structure.dim == 0:
+        # A = 0: everything is lost, exactly.
+        p = torch.zeros_like(x64)
+        bound = torch.zeros_like(x_norm)
+        method = "zero map"
+    else:
+        # σ_min only decides the route and scales the bound: a few digits are enough. Square
+        # operators need an exact inverse for it; rectangular ones try Lanczos on G first.
+        inverse = gram_inverse(structure, rectangular=False)
+        bottom = smallest_singular_values(
+            structure,
+            1,
+            inverse,
+            tol=1e-6 if inverse is not None else 1e-4,
+            lanczos_entries=_LANCZOS_ENTRIES,
+        )
+        if not bottom.converged and inverse is None:
+            inverse = gram_inverse(structure)
+            if inverse is not None:
+                bottom = smallest_singular_values(structure, 1, inverse, tol=1e-6)
+        sigma_min = float(bottom.values[0])
+        sigma_low = sigma_min - float(bottom.errors[0])
+        tolerance = op.norm_upper_bound() * max(op.m, op.n) * _EPS64
+        if bottom.converged and sigma_low > tolerance:
+            if structure.side == "input":
+                # Injective on the read pixels: they are kept whole, the unread ones lost.
+                p = x64.masked_fill(structure.zero_cols, 0.0)
+                bound = torch.zeros_like(x_norm)
+                method = "injective"
+            else:
+                p, bound, iterations, method = _surjective(
+                    op, structure, inverse, x64, x_norm, sigma_low, rtol, max_iter
+                )
+        else:
+            p, iterations = _cgls(op, x64, rtol, max_iter)
+            bound = torch.full_like(x_norm, math.inf)
+            method = "rank-deficient (CGLS)"
+            sigma_min = None
+    bound = torch.where(x_norm > 0, bound, 0.0)
+    # The normal-equations residual, afresh in float64 (kept for continuity).
+    ata_x = op.gram_input(x64)
+    ata_err = op.gram_input(x64 - p)
+    b_norm = sq_norms(ata_x).sqrt()
+    rel = torch.where(b_norm > 0, sq_norms(ata_err).sqrt() / b_norm.clamp_min(1e-300), 0.0)
+    return RowSpaceResult(
+        projection=p.to(x.dtype),
+        residual=(x64 - p).to(x.dtype),
+        relative_error=rel,
+        iterations=iterations,
+        error_bound=bound,
+        method=method,
+        sigma_min=sigma_min,
+    )
 
-    # CGLS: s = A x − A p (output space), r = Aᵀ s = AᵀA(x − p) (the normal-equation residual).
+
+def _surjective(
+    op: ConvOperator,
+    structure: OperatorStructure,
+    inverse: GramInverse | None,
+    x64: Tensor,
+    x_norm: Tensor,
+    sigma_low: float,
+    rtol: float,
+    max_iter: int,
+) -> tuple[Tensor, Tensor, int, str]:
+    """``p = Aᵀ y`` with ``AAᵀ y = A x`` for a surjective ``A`` (``AAᵀ`` invertible on the rows
+    that read something), and the bound ``‖A x − AAᵀ y‖ / σ_min + rounding`` on ``‖p − P x‖``.
+
+    ``p − P x = Aᵀ(y − y*)`` and ``‖Aᵀ(AAᵀ)⁻¹ r‖ ≤ ‖r‖/σ_min``, so the output-side residual ``r``
+    bounds the error whatever solved for ``y``. With a dense Cholesky factor ``y`` is solved
+    directly (then refined once); otherwise by CG in float32 on ``r`` with the residual and ``y``
+    kept in float64 (iterative refinement): each round gains float32's ~4 digits, until the
+    bound reaches ``rtol`` or ``max_iter`` CG iterations have run.
+    """
+    b = op.forward(x64)
+    per = (-1,) + (1,) * (b.dim() - 1)
+    # Rounding of one float64 evaluation of A x − AAᵀ y: ~eps·σ² per entry, summed over fan-in.
+    layer = op.layer
+    fan = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
+    scale = op.norm_upper_bound()
+
+    def residual(y: Tensor) -> tuple[Tensor, Tensor]:
+        r = b - op.gram_output(y)
+        rounding = 4 * math.sqrt(fan) * _EPS64 * scale * (x_norm + scale * sq_norms(y).sqrt())
+        return r, (sq_norms(r).sqrt() + rounding) / sigma_low
+
+    target = rtol * x_norm
+    iterations = 0
+    if inverse is not None and inverse.side == "output":
+        y = inverse.apply(b)
+        r, bound = residual(y)
+        y = y + inverse.apply(r)
+        r, bound = residual(y)
+        method = f"surjective ({inverse.method})"
+    else:
+        y = torch.zeros_like(b)
+        r, bound = residual(y)
+        method = "surjective (CG, float32 + float64 refinement)"
+        dtype = torch.float32
+        while iterations < max_iter and bool((bound > target).any()):
+            active = bound > target
+            # Each round asks float32 for what it can give (~1e-4) or what is left to reach.
+            r_norm = sq_norms(r).sqrt().clamp_min(1e-300)
+            inner = torch.clamp(
+                target * sigma_low / r_norm, min=1e-4 if dtype == torch.float32 else 1e-12, max=1.0
+            )
+            inner = torch.where(active, inner, 1.0)
+            d, its = batched_cg(
+                structure.gram, r.to(dtype), rtol=inner.to(dtype), max_iter=max_iter - iterations
+            )
+            iterations += max(its, 1)
+            y = y + d.to(_F64) * active.view(per)
+            r_new, bound_new = residual(y)
+            stalled = bool((sq_norms(r_new) > 0.25 * sq_norms(r))[active].any())
+            r, bound = r_new, bound_new
+            if stalled and dtype == torch.float32:
+                # float32 cannot resolve what is left: finish in float64.
+                dtype = _F64
+    p = op.adjoint(y)
+    return p, bound / x_norm.clamp_min(1e-300), iterations, method
+
+
+def _cgls(op: ConvOperator, x64: Tensor, rtol: float, max_iter: int) -> tuple[Tensor, int]:
+    """CGLS on ``AᵀA p = AᵀA x`` from ``p = 0`` (iterates stay in the row space), per-sample
+    steps, stopping per sample at ``‖AᵀA(p − x)‖ ≤ rtol·‖AᵀA x‖``: the rank-deficient fallback."""
+    per_sample = (-1,) + (1,) * (x64.dim() - 1)
     s = op.forward(x64)
     per_out = (-1,) + (1,) * (s.dim() - 1)
     r = op.adjoint(s)
-    gamma = _sq_norms(r)
-    b_norm = gamma.sqrt()  # ‖AᵀA x‖
-    threshold = (rtol * b_norm) ** 2
+    gamma = sq_norms(r)
+    threshold = rtol**2 * gamma
     p = torch.zeros_like(x64)
     d = r
     active = gamma > threshold
     iterations = 0
     while iterations < max_iter and bool(active.any()):
         q = op.forward(d)
-        delta = _sq_norms(q)
+        delta = sq_norms(q)
         # d ∈ range(Aᵀ), so A d = 0 only when d = 0: the guard only keeps finished samples still.
         alpha = torch.where(active & (delta > 0), gamma / delta.clamp_min(1e-300), 0.0)
         p.addcmul_(d, alpha.view(per_sample))
         s.addcmul_(q, alpha.view(per_out), value=-1.0)
         del q
         r = op.adjoint(s)
-        gamma_new = _sq_norms(r)
+        gamma_new = sq_norms(r)
         beta = torch.where(active, gamma_new / gamma.clamp_min(1e-300), 0.0)
         d = r.add_(d.mul_(beta.view(per_sample)))
         gamma = torch.where(active, gamma_new, gamma)
         active = active & (gamma > threshold)
         iterations += 1
-    del s, r, d
-
-    # The recurrences drift from the true residual in floating point: report the true one.
-    true_r = op.adjoint(op.forward(x64 - p))
-    rel = torch.where(b_norm > 0, _sq_norms(true_r).sqrt() / b_norm.clamp_min(1e-300), 0.0)
-    del true_r
-    return RowSpaceResult(
-        projection=p.to(x.dtype),
-        residual=(x64 - p).to(x.dtype),
-        relative_error=rel,
-        iterations=iterations,
-    )
+    return p, iterations
 
 
 def _row_residual_norms(weight: Tensor, x: Tensor) -> Tensor:
@@ -384,8 +484,8 @@ def residuals(
         if not bool(torch.isfinite(x).all()):
             raise ValueError(f"the input to layer {layer.name!r} has non-finite values (NaN/Inf)")
         result = row_space_residual(layer, x, rtol=rtol, max_iter=max_iter)
-        input_sq = _sq_norms(x.to(_F64))
-        residual_sq = _sq_norms(result.residual.to(_F64))
+        input_sq = sq_norms(x.to(_F64))
+        residual_sq = sq_norms(result.residual.to(_F64))
         lost = torch.where(input_sq > 0, residual_sq / input_sq.clamp_min(1e-300), 0.0)
         row_norms = _row_residual_norms(layer.weight, x) if layer.kind is LayerKind.LINEAR else None
         results.append(
@@ -405,12 +505,16 @@ def residuals(
 
 
 def residual_metrics(lr: LayerResiduals, class_names: Sequence[str]) -> dict[str, object]:
-    """JSON-ready metrics of one layer: DESIGN.md's ``metrics.layers[]`` entry.
+    """JSON-ready metrics of one layer: its entry of the analysis's ``metrics.layers[]``.
 
     Returns:
-        ``{name, kind, input_shape, iterations, classes: [{class, input_norm, residual_norm,
-        lost_fraction, projection_relative_error[, row_residual_norms]}]}``, one class per sample
-        (``row_residual_norms``, a list of ``out`` floats, for Linear layers only).
+        ``{name, kind, input_shape, iterations, method, sigma_min, classes: [{class, input_norm,
+        residual_norm, lost_fraction, projection_error_bound, projection_relative_error
+        [, row_residual_norms]}]}``, one class per sample (``row_residual_norms``, a list of
+        ``out`` floats, for Linear layers only). ``projection_error_bound`` is
+        :attr:`RowSpaceResult.error_bound` (null where there is no certified bound);
+        ``projection_relative_error`` is the normal-equations residual
+        (:attr:`RowSpaceResult.relative_error`), not an error of the projection.
 
     Raises:
         ValueError: ``class_names`` does not have one name per sample.
@@ -424,6 +528,7 @@ def residual_metrics(lr: LayerResiduals, class_names: Sequence[str]) -> dict[str
     residual_norm = lr.residual_norm.tolist()
     lost = lr.lost_fraction.tolist()
     rel = lr.result.relative_error.tolist()
+    bound = lr.result.error_bound.tolist()
     rows = lr.row_residual_norms.tolist() if lr.row_residual_norms is not None else None
     classes: list[dict[str, object]] = []
     for b, class_name in enumerate(class_names):
@@ -432,6 +537,8 @@ def residual_metrics(lr: LayerResiduals, class_names: Sequence[str]) -> dict[str
             "input_norm": float(input_norm[b]),
             "residual_norm": float(residual_norm[b]),
             "lost_fraction": float(lost[b]),
+            # JSON has no inf: an uncertified projection's bound is null.
+            "projection_error_bound": None if math.isinf(bound[b]) else float(bound[b]),
             "projection_relative_error": float(rel[b]),
         }
         if rows is not None:
@@ -442,5 +549,7 @@ def residual_metrics(lr: LayerResiduals, class_names: Sequence[str]) -> dict[str
         "kind": str(lr.kind),
         "input_shape": [int(s) for s in lr.result.residual.shape[1:]],
         "iterations": lr.result.iterations,
+        "method": lr.result.method,
+        "sigma_min": lr.result.sigma_min,
         "classes": classes,
     }

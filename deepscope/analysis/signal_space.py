@@ -7,9 +7,16 @@ layer's matrix is its weight ``W`` (out × in). A Conv2d layer has three views
 
 * ``kernels`` (the paper's): each 2-D kernel is one row, ``(C_out·C_in/groups) × (k_h·k_w)``;
 * ``filters``: each output channel's 3-D filter is one row, ``C_out × (C_in/groups·k_h·k_w)``;
-* ``operator``: the convolution itself as a map on a ``C_in × H × W`` input. It has no small
-  matrix; :func:`conv_operator_singular_values` gives its exact singular values through the
-  2-D FFT (Sedghi, Gupta & Long, "The Singular Values of Convolutional Layers", ICLR 2019).
+* ``operator``: the convolution itself as a map on a ``C_in × H × W`` input, with a boundary
+  (:class:`~deepscope.analysis.conv_operator.OperatorPadding`). ``circular``:
+  :func:`conv_operator_singular_values` gives its exact singular values for any size through
+  the 2-D FFT (Sedghi, Gupta & Long, "The Singular Values of Convolutional Layers", ICLR 2019);
+  it is the layer's map only for circular padding, and the circular counterpart of a
+  zero-padded layer has singular values that differ by up to ~40% of σ_max on small inputs.
+  ``zero`` (and ``reflect``/``replicate``): the layer's real map, exactly ``F.conv2d`` with its
+  stride, padding, dilation and groups; every value from the dense matrix when it is small, or
+  the extremes from :func:`deepscope.analysis.operator_spectrum.conv_operator_spectrum`.
+  :func:`deepscope.analysis.conv_operator.layer_padding` tells which boundary a layer has.
 
 Every SVD runs in float64 so that condition numbers are exact; the rank tolerance comes from
 the weights' own dtype (numpy's ``matrix_rank`` rule ``σ_max · max(m, n) · eps``), because
@@ -33,6 +40,13 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from deepscope.analysis.conv_operator import (
+    OperatorPadding,
+    conv_output_hw,
+    dense_operator_matrix,
+    operator_padding_note,
+    resolve_operator_padding,
+)
 from deepscope.analysis.hooks import eval_mode
 from deepscope.analysis.layers import LayerKind, WeightLayer
 
@@ -203,14 +217,18 @@ def _check_hw(layer: WeightLayer, input_hw: tuple[int, int]) -> tuple[int, int]:
 
 
 def conv_operator_singular_values(layer: WeightLayer, input_hw: tuple[int, int]) -> Tensor:
-    """Exact singular values of a Conv2d layer as a linear map on a ``C_in × H × W`` input.
+    """Exact singular values of a Conv2d layer's kernel as a CIRCULAR map on ``C_in × H × W``.
 
-    The boundary is CIRCULAR (Sedghi et al. 2019): the 2-D DFT block-diagonalizes the
-    convolution, so its singular values are those of the ``C_out × C_in`` matrices
-    ``K̂[:, :, u, v]`` (FFT of the kernel zero-padded to H×W) over the H·W frequencies, all
-    decomposed in one batched call. A zero-padded layer (``padding_mode="zeros"``) is a
+    The boundary is CIRCULAR whatever the layer's own (Sedghi et al. 2019): the 2-D DFT
+    block-diagonalizes the convolution, so its singular values are those of the
+    ``C_out × C_in`` matrices ``K̂[:, :, u, v]`` (FFT of the kernel zero-padded to H×W) over the
+    H·W frequencies, all decomposed in one batched call. The layer's padding amount is not
+    checked here (see :func:`signal_space` and
+    :func:`~deepscope.analysis.conv_operator.resolve_operator_padding`, which refuse layers the
+    circular operator does not describe). A zero-padded layer (``padding_mode="zeros"``) is a
     different, Toeplitz operator: its values differ from these through the pixels near the
-    border, less so the larger H×W is against the kernel.
+    border (resnet18's ``layer3.0.conv1`` on 2×2: σ_max 1.83 circular, 1.13 zero-padded);
+    :func:`~deepscope.analysis.operator_spectrum.conv_operator_spectrum` computes those.
 
     * stride s > 1: exact through the polyphase decomposition. The strided circular conv is a
       stride-1 circular conv on the ``(H/s) × (W/s)`` polyphase components of the input, with
@@ -256,9 +274,9 @@ def conv_operator_singular_values(layer: WeightLayer, input_hw: tuple[int, int])
 
 
 def _operator_shape(layer: WeightLayer, input_hw: tuple[int, int]) -> tuple[int, int]:
+    out_h, out_w = conv_output_hw(layer, input_hw)
     h, w = input_hw
-    s_h, s_w = layer.stride
-    return (layer.out_channels * (h // s_h) * (w // s_w), layer.in_channels * h * w)
+    return (layer.out_channels * out_h * out_w, layer.in_channels * h * w)
 
 
 def _operator_block_dim(layer: WeightLayer) -> int:
@@ -332,6 +350,8 @@ class LayerSpectrum:
 
     ``matrix_shape`` is the matrix of the view; for the operator ``(C_out·H_out·W_out, C_in·H·W)``.
     A Linear layer's matrix is ``W`` in every view; ``view`` records the view asked for.
+    ``padding`` is the operator's boundary (None outside the operator view and for Linear
+    layers); ``note`` a warning when that is not the layer's own boundary.
     """
 
     name: str
@@ -339,12 +359,17 @@ class LayerSpectrum:
     view: ConvView
     matrix_shape: tuple[int, int]
     stats: SpectrumStats
+    padding: OperatorPadding | None = None
+    note: str | None = None
 
 
 def signal_space(
     layers: Sequence[WeightLayer],
     view: ConvView = ConvView.KERNELS,
     input_hw: Mapping[str, tuple[int, int]] | None = None,
+    *,
+    operator_padding: OperatorPadding | str | None = OperatorPadding.CIRCULAR,
+    max_dense: int = 4096,
 ) -> list[LayerSpectrum]:
     """The spectrum of every layer in ``layers``, in order.
 
@@ -352,23 +377,34 @@ def signal_space(
     (one device-to-host transfer for all layers).
 
     The rank tolerance is ``σ_max · max(m, n) · eps(weight dtype)``. For the operator view the
-    dimension is that of the per-frequency blocks actually decomposed,
-    ``max(C_out, C_in·s²) / groups``: the operator is their direct sum under a unitary change
-    of basis, and ``max(m, n)`` of the full ``C·H·W``-sized operator would call every value
-    under ~2% of σ_max zero for float32 weights at 56×56.
+    dimension is that of the per-frequency blocks of the circular operator,
+    ``max(C_out, C_in·s²) / groups`` (for every boundary, so that circular and zero-padded ranks
+    compare): the circular operator is the direct sum of those blocks under a unitary change of
+    basis, and ``max(m, n)`` of the full ``C·H·W``-sized operator would call every value under
+    ~2% of σ_max zero for float32 weights at 56×56.
 
     Args:
         layers: Linear and Conv2d layers (see :func:`deepscope.analysis.layers.weight_layers`).
         view: how Conv2d layers are read.
         input_hw: ``{name: (H, W)}`` of each Conv2d layer's input; required for the operator
             view (see :func:`conv_input_hw`), ignored otherwise.
+        operator_padding: the operator view's boundary: ``circular`` (exact at any size by
+            FFT; the default), ``zero``, ``reflect``, ``replicate``, or None for each layer's
+            own (:func:`~deepscope.analysis.conv_operator.layer_padding`). Each
+            :class:`LayerSpectrum` carries a ``note`` where this is not the layer's own.
+        max_dense: the non-circular boundaries decompose the dense matrix: the largest
+            ``min(m, n)`` allowed (every value is needed here; for the extremes of larger
+            operators use :func:`~deepscope.analysis.operator_spectrum.conv_operator_spectrum`).
 
     Raises:
-        ValueError: unknown view; operator view without the input size of a Conv2d layer; the
-            conditions of :func:`conv_operator_singular_values`.
+        ValueError: unknown view or padding; operator view without the input size of a Conv2d
+            layer; the conditions of :func:`conv_operator_singular_values`; ``circular`` for a
+            layer whose padding is not "same"-shaped (the circular operator is not its map); a
+            non-circular operator larger than ``max_dense``.
     """
     view = _as_view(view)
     sizes: dict[str, tuple[int, int]] = {}
+    paddings: dict[str, OperatorPadding] = {}
     if view is ConvView.OPERATOR:
         hw = input_hw or {}
         missing = [
@@ -383,7 +419,14 @@ def signal_space(
             )
         for layer in layers:
             if layer.kind is LayerKind.CONV2D:
-                sizes[layer.name] = _check_hw(layer, hw[layer.name])
+                paddings[layer.name] = resolve_operator_padding(
+                    layer, operator_padding, hw[layer.name]
+                )
+                sizes[layer.name] = (
+                    _check_hw(layer, hw[layer.name])
+                    if paddings[layer.name] is OperatorPadding.CIRCULAR
+                    else (int(hw[layer.name][0]), int(hw[layer.name][1]))
+                )
 
     matrices: list[Tensor | None] = [
         None
@@ -408,7 +451,11 @@ def signal_space(
     tolerance_dims: list[int | None] = []
     for layer, matrix in zip(layers, matrices, strict=True):
         if matrix is None:
-            values.append(conv_operator_singular_values(layer, sizes[layer.name]))
+            padding = paddings[layer.name]
+            if padding is OperatorPadding.CIRCULAR:
+                values.append(conv_operator_singular_values(layer, sizes[layer.name]))
+            else:
+                values.append(_dense_operator_values(layer, sizes[layer.name], padding, max_dense))
             shapes.append(_operator_shape(layer, sizes[layer.name]))
             tolerance_dims.append(_operator_block_dim(layer))
         else:
@@ -428,9 +475,31 @@ def signal_space(
             view,
             shape,
             spectrum_stats(v, shape, _eps(layer.weight.dtype), tolerance_dim=dim),
+            padding=paddings.get(layer.name),
+            note=(
+                operator_padding_note(layer, paddings[layer.name])
+                if layer.name in paddings
+                else None
+            ),
         )
         for layer, v, shape, dim in zip(layers, values, shapes, tolerance_dims, strict=True)
     ]
+
+
+def _dense_operator_values(
+    layer: WeightLayer, hw: tuple[int, int], padding: OperatorPadding, max_dense: int
+) -> Tensor:
+    """Every singular value of the operator with a non-circular boundary, from its dense matrix."""
+    m, n = _operator_shape(layer, hw)
+    if min(m, n) > max_dense:
+        raise ValueError(
+            f"layer {layer.name!r}: its {padding.value}-padded operator on {hw[0]}×{hw[1]} is "
+            f"{m}×{n}, too large to decompose every singular value (max_dense={max_dense}); use "
+            "conv_operator_spectrum() for its largest and smallest ones, or "
+            "operator_padding='circular'"
+        )
+    matrix = dense_operator_matrix(layer, hw, padding, max_entries=max(m * n, 1))
+    return _svdvals(matrix)
 
 
 def top_singular_directions(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -476,9 +545,13 @@ def top_singular_directions(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
 
 
 def layer_spectrum_metrics(ls: LayerSpectrum) -> dict[str, object]:
-    """The JSON-ready ``metrics.layers[]`` entry of DESIGN.md's ``signal_space`` analysis."""
+    """The JSON-ready ``metrics.layers[]`` entry of the ``signal_space`` analysis for one layer.
+
+    Operator-view conv layers also carry ``padding`` (the boundary) and ``padding_note`` (a
+    warning when it is not the layer's own, else null).
+    """
     stats = ls.stats
-    return {
+    out: dict[str, object] = {
         "name": ls.name,
         "kind": ls.kind.value,
         "view": ls.view.value,
@@ -492,6 +565,10 @@ def layer_spectrum_metrics(ls: LayerSpectrum) -> dict[str, object]:
         "stable_rank": stats.stable_rank,
         "spectral_norm": stats.spectral_norm,
     }
+    if ls.padding is not None:
+        out["padding"] = ls.padding.value
+        out["padding_note"] = ls.note
+    return out
 
 
 def conv_input_hw(

@@ -1,26 +1,37 @@
 """Plots that need axes: all of a job's spectra in one figure, and curves over layers.
 
-Matplotlib's object API (``Figure``), never pyplot: no global figure registry to leak in a
-long-lived worker and no display backend to pick. One ``Figure`` per PNG.
+:func:`spectra_figure` is on every ``signal_space`` job's path, so it is drawn with numpy +
+Pillow in a few milliseconds (matplotlib took ~250 ms a figure): lines, grid and text drawn
+straight onto one RGB image, text from cached stamps, one PNG encode. It touches as little
+memory as it can, since a forked job pays for every fresh page. Its layout (the two plot
+boxes and their data ranges) is stored in the PNG's ``deepscope:axes`` text chunk, for
+tests and clients.
+
+:func:`curves_plot` uses matplotlib's object API (``Figure``), never pyplot: no global
+figure registry to leak in a long-lived worker and no display backend to pick.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
 import numpy as np
-from matplotlib import colormaps
-from matplotlib.cm import ScalarMappable
-from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatterSciNotation, LogLocator
+from PIL import Image, ImageDraw
 
-__all__ = ["SpectrumLine", "curves_plot", "spectra_figure"]
+from deepscope.render import text as txt
+from deepscope.render.colors import colormap_lut
+from deepscope.render.grid import write_png
+
+__all__ = ["AXES_KEY", "SpectrumLine", "curves_plot", "spectra_figure"]
 
 _DPI: Final = 110
 _LEGEND_MAX: Final = 12  # more layers than this: a depth colourbar instead of a legend
@@ -93,23 +104,206 @@ def _name_ticks(ax: Any, names: Sequence[str]) -> None:
     ax.set_xlim(-0.6, len(names) - 0.4)
 
 
+# --- the spectra figure: numpy + Pillow ----------------------------------------------------
+
+Colour = tuple[int, int, int]
+
+# Layout, in pixels.
+_MARGIN: Final = 12
+_PLOT_H: Final = 340
+_LEFT_W: Final = 520
+_RIGHT_W: Final = 470  # at most; a few layers get a narrower plot (fewer pixels to encode)
+_NAME_MAX: Final = 240  # layer names are cut to this width (legend, colour bar, ticks)
+_BAND: Final = 28  # the condition plot's "∞" band above its finite range, when needed
+_BAND_GAP: Final = 16  # between the band's separator and the finite range's top
+_DECADES_MAX: Final = 12  # more decades than this on an axis: label every k-th
+_DECADE_STEPS: Final = (1, 2, 3, 5, 10, 20, 25, 50, 100)
+_MINOR_MIN_PX: Final = 28  # minor grid lines (2…9 × 10^k) only when a decade is this tall
+_DOTS_MAX: Final = 40  # a spectrum with at most this many values gets a dot per value
+
+_WHITE: Final = (255, 255, 255)
+_BLACK: Final = (0, 0, 0)
+_GREY_TEXT: Final = (70, 70, 70)
+_GRID_MAJOR: Final = (214, 214, 214)
+_GRID_MINOR: Final = (240, 240, 240)
+_JOIN: Final = (150, 150, 150)
+_EDGE: Final = (50, 50, 50)
+_ZERO_LINE: Final = (100, 100, 100)
+_UNBOUNDED: Final = (220, 20, 60)  # crimson
+_UNBOUNDED_TEXT: Final = (180, 0, 40)
+
+
+@dataclass(frozen=True)
+class _Axes:
+    """A plot box on the figure and its data → pixel map (y in log10 units).
+
+    ``u``/``v`` give continuous offsets inside the box: x from ``xlim[0]`` (0) to
+    ``xlim[1]`` (width), y from ``ylim[1]`` (``top``) down to ``ylim[0]`` (height); the
+    first ``top`` pixels are kept for the "∞" band.
+    """
+
+    x0: int
+    y0: int
+    width: int
+    height: int
+    xlim: tuple[float, float]
+    ylim: tuple[float, float]
+    top: int = 0
+
+    def u(self, x: Any) -> Any:
+        return (np.asarray(x, dtype=np.float64) - self.xlim[0]) * (
+            self.width / (self.xlim[1] - self.xlim[0])
+        )
+
+    def v(self, ly: Any) -> Any:
+        return self.top + (self.ylim[1] - np.asarray(ly, dtype=np.float64)) * (
+            (self.height - self.top) / (self.ylim[1] - self.ylim[0])
+        )
+
+    def row(self, ly: float) -> int:
+        """The figure's pixel row of the value at log10 ``ly`` (inside the box)."""
+        return self.y0 + min(max(int(self.v(ly)), 0), self.height - 1)
+
+    def column(self, x: float) -> int:
+        return self.x0 + min(max(int(self.u(x)), 0), self.width - 1)
+
+    def points(self, x: np.ndarray, ly: np.ndarray) -> list[float]:
+        """Flat [x, y, x, y, …] figure coordinates of the data points."""
+        xy = np.column_stack((self.u(x) + self.x0, self.v(ly) + self.y0))
+        return list(xy.ravel())
+
+    def hline(self, draw: ImageDraw.ImageDraw, ly: float, fill: Colour, dash: int = 0) -> None:
+        """A 1-px horizontal line across the box; ``dash``: dashes of that many pixels."""
+        y = self.row(ly)
+        if not dash:
+            draw.line((self.x0, y, self.x0 + self.width - 1, y), fill=fill)
+            return
+        for x in range(self.x0, self.x0 + self.width, 2 * dash):
+            draw.line((x, y, min(x + dash, self.x0 + self.width) - 1, y), fill=fill)
+
+    def vline(self, draw: ImageDraw.ImageDraw, x: float, fill: Colour) -> None:
+        c = self.column(x)
+        draw.line((c, self.y0, c, self.y0 + self.height - 1), fill=fill)
+
+    def frame(self, draw: ImageDraw.ImageDraw) -> None:
+        box = (self.x0 - 1, self.y0 - 1, self.x0 + self.width, self.y0 + self.height)
+        draw.rectangle(box, outline=_BLACK)
+
+    def layout(self) -> dict[str, Any]:
+        return {
+            "box": [self.x0, self.y0, self.x0 + self.width, self.y0 + self.height],
+            "x": list(self.xlim),
+            "log10_y": list(self.ylim),
+            "top_band": self.top,
+        }
+
+
+def _log_ticks(
+    lo: float, hi: float, pixels: int
+) -> tuple[list[tuple[int, int]], list[int], list[float]]:
+    """(labels (mantissa, exponent), decades with a grid line, minor grid lines), log10.
+
+    Every decade in [lo, hi] is labelled, or every k-th past 12 (k = 2, 3, 5, 10…; always
+    10⁰); a span of at most 2.2 decades also labels 2× and 5× each decade. Minor lines at
+    2…9 × each decade only where a decade is tall enough for them to be lines, not a wash.
+    """
+    first, last = math.ceil(lo - 1e-9), math.floor(hi + 1e-9)
+    decades = list(range(first, last + 1))
+    need = len(decades) / _DECADES_MAX
+    step = next((k for k in _DECADE_STEPS if k >= need), math.ceil(need))
+    labels = [(1, e) for e in decades if e % step == 0]
+    if hi - lo <= 2.2:
+        for e in range(math.floor(lo), math.ceil(hi)):
+            labels += [(m, e) for m in (2, 5) if lo < e + math.log10(m) < hi]
+    per_decade = pixels / max(hi - lo, 1e-9)
+    lines = decades if per_decade >= 6 else [e for m, e in labels if m == 1]
+    minors: list[float] = []
+    if per_decade >= _MINOR_MIN_PX:
+        subs = np.log10(np.arange(2, 10))
+        for e in range(math.floor(lo), math.ceil(hi)):
+            minors += [float(e + s) for s in subs if lo < e + s < hi]
+    return labels, lines, minors
+
+
+_SUPERSCRIPT_RAISE: Final = 5
+
+
+@lru_cache(maxsize=128)
+def _power_stamp(mantissa: int, exponent: int) -> Image.Image:
+    """The label "10^exponent" (or "m×10^exponent") as an "L" mask, cached; the exponent
+    smaller and raised: Unicode superscript digits are too small to read at this size."""
+    base, small = txt.font(12), txt.font(10)
+    head = "10" if mantissa == 1 else f"{mantissa}×10"
+    exp = str(exponent).replace("-", "−")
+    wb, we = txt.text_width(base, head), txt.text_width(small, exp)
+    mask = Image.new("L", (wb + 1 + we, txt.line_height(base) + _SUPERSCRIPT_RAISE), 0)
+    draw = ImageDraw.Draw(mask)
+    draw.text((0, _SUPERSCRIPT_RAISE), head, font=base, fill=255, anchor="la")
+    draw.text((wb + 1, 0), exp, font=small, fill=255, anchor="la")
+    return mask
+
+
+def _decade_labels(figure: Image.Image, axes: _Axes, labels: Sequence[tuple[int, int]]) -> None:
+    """Right-aligned "10ᵏ" left of the axis, centred on each labelled tick."""
+    centre = _SUPERSCRIPT_RAISE + txt.line_height(txt.font(12)) / 2
+    for m, e in labels:
+        mask = _power_stamp(m, e)
+        y = round(axes.row(e + math.log10(m)) - centre + 0.5)
+        x = axes.x0 - 8 - mask.width
+        figure.paste(_BLACK, (x, y, x + mask.width, y + mask.height), mask)
+
+
+def _y_ticks(
+    draw: ImageDraw.ImageDraw, axes: _Axes, majors: Sequence[float], minors: Sequence[float]
+) -> None:
+    for ly, length in [(m, 5) for m in majors] + [(m, 3) for m in minors]:
+        y = axes.row(ly)
+        draw.line((axes.x0 - 1 - length, y, axes.x0 - 2, y), fill=_BLACK)
+
+
+def _depth_colours(count: int) -> list[Colour]:
+    """Viridis by depth, first layer dark: entry floor(256·k/(count − 1)), as matplotlib."""
+    lut = colormap_lut("viridis")
+    picks = [min(int(k / max(count - 1, 1) * 256), 255) for k in range(count)]
+    return [(int(lut[i, 0]), int(lut[i, 1]), int(lut[i, 2])) for i in picks]
+
+
+def _conditions(layers: Sequence[SpectrumLine]) -> np.ndarray:
+    return np.array(
+        [
+            np.inf if c is None or math.isnan(c) else float(c)
+            for c in (x.condition_number for x in layers)
+        ],
+        dtype=np.float64,
+    )
+
+
+AXES_KEY: Final = "deepscope:axes"
+"""PNG text chunk of :func:`spectra_figure`: JSON {"spectra": …, "condition": …}, each with
+the plot's "box" [x0, y0, x1, y1) in pixels, its "x" limits, "log10_y" limits (of the part
+under "top_band" pixels, the "∞" band of unbounded condition numbers)."""
+
+
 def spectra_figure(
     layers: Sequence[SpectrumLine], path: str | os.PathLike[str], *, title: str
 ) -> Path:
     """All layers' spectra of a job in one PNG; returns ``path``.
 
     Left: σᵢ/σ₁ against i/n (log y), one line per layer coloured by depth (legend up to 12
-    layers, else a depth colourbar). Right: condition number σ₁/σₙ by depth (log y), with
-    unbounded ones as "∞" markers at the top.
+    layers, else a depth colourbar); σᵢ = 0 is drawn on a dotted floor a decade below the
+    smallest positive ratio. Right: condition number σ₁/σₙ by depth (log y), with
+    unbounded ones (None, inf, NaN) as red triangles in an "∞" band at the top.
+    The plot boxes and their ranges are stored in the PNG (:data:`AXES_KEY`).
     """
     if not layers:
         raise ValueError("spectra_figure needs at least one layer")
     count = len(layers)
-    cmap = colormaps["viridis"]
-    colours = [cmap(k / max(count - 1, 1)) for k in range(count)]
-    fig = Figure(figsize=(12.5, 4.8), layout="constrained")
-    left, right = fig.subplots(1, 2, width_ratios=(1.15, 1.0))
+    colours = _depth_colours(count)
+    tick_face, label_face, small = txt.font(12), txt.font(13), txt.font(11)
+    title_face, infinity_face = txt.font(15, bold=True), txt.font(16)
+    lh_small, lh_label = txt.line_height(small), txt.line_height(label_face)
 
+    # Left: each layer's profile normalised by its largest value.
     ratios: list[tuple[np.ndarray, np.ndarray]] = []
     for line in layers:
         v = line.values
@@ -121,98 +315,223 @@ def spectra_figure(
     positive = [float(r[r > 0].min()) for _, r in ratios if (r > 0).any()]
     # σᵢ = 0 has no place on a log axis: draw it at a floor a decade below the smallest
     # positive ratio, and say so, rather than dropping the rank deficiency silently.
-    floor = 10.0 ** (math.floor(math.log10(min(positive))) - 1) if positive else 1e-16
-    zeros = False
-    for k, (line, (x, r)) in enumerate(zip(layers, ratios, strict=True)):
-        if r.size == 0:
-            continue
-        zeros = zeros or bool((r <= 0).any())
-        left.plot(
-            x,
-            np.where(r > 0, r, floor),
-            color=colours[k],
-            lw=1.2 if count <= _LEGEND_MAX else 0.9,
-            marker="." if r.size <= 40 else None,
-            ms=3,
-            label=line.name,
-        )
-    left.set_yscale("log")
-    _log_axis(left.yaxis)
-    left.set_xlim(0.0, 1.0)
-    left.set_ylim(floor / 2 if zeros else None, 1.6)
-    left.set_xlabel("relative index i / n")
-    left.set_ylabel("σᵢ / σ₁")
-    left.grid(True, which="major", alpha=0.45)
-    left.grid(True, which="minor", alpha=0.15)
+    # In log10 units: 10**floor may underflow for subnormal ratios.
+    floor = float(math.floor(math.log10(min(positive))) - 1) if positive else -16.0
+    zeros = any(bool((r <= 0).any()) for _, r in ratios)
     if zeros:
-        left.axhline(floor, color="0.4", lw=0.8, ls=":")
-        left.text(0.99, floor * 1.4, "σᵢ = 0 drawn here", ha="right", va="bottom", fontsize=7)
-    if count <= _LEGEND_MAX:
-        left.legend(fontsize=7, loc="lower left")
+        bottom = floor - 0.3
+    elif positive:
+        low = math.log10(min(positive))
+        # Down to the decade below the data, unless that wastes most of a decade.
+        bottom = low - 0.15 if low - math.floor(low) < 0.1 else float(math.floor(low))
+        bottom = min(bottom, -1.0)  # 10⁻¹ and 10⁰ at least: two labelled decades
     else:
-        bar = fig.colorbar(
-            ScalarMappable(norm=Normalize(0, count - 1), cmap=cmap), ax=left, pad=0.01
-        )
-        bar.set_ticks([0, count - 1])
-        bar.set_ticklabels([layers[0].name, layers[-1].name], fontsize=7)
-        bar.set_label("layer depth", fontsize=8)
-        bar.ax.yaxis.set_label_position("left")  # names on the right, the label beside the bar
+        bottom = -1.0
+    left_y = (bottom, math.log10(1.6))
 
-    depth = np.arange(count)
-    cond = np.array(
-        [
-            np.inf if c is None or math.isnan(c) else float(c)
-            for c in (x.condition_number for x in layers)
-        ]
-    )
+    # Right: condition numbers, the unbounded ones in a band above the finite range.
+    cond = _conditions(layers)
     bounded = np.isfinite(cond) & (cond > 0)
-    right.set_yscale("log")
-    if bounded.any():
-        right.plot(depth[bounded], cond[bounded], color="0.6", lw=0.8, zorder=1)
-        right.scatter(
-            depth[bounded],
-            cond[bounded],
-            c=[colours[k] for k in depth[bounded]],
-            s=18,
-            zorder=2,
-            edgecolors="0.2",
-            linewidths=0.4,
-        )
-        lo, hi = float(cond[bounded].min()), float(cond[bounded].max())
-    else:
-        lo, hi = 1.0, 10.0
     unbounded = ~bounded
-    top = 10.0 ** (math.ceil(math.log10(hi)) + 1)
-    if unbounded.any():
-        right.scatter(
-            depth[unbounded],
-            np.full(unbounded.sum(), top),
-            marker="^",
-            s=40,
-            color="crimson",
-            zorder=3,
-            label="unbounded (σₙ = 0)",
+    log_cond = np.log10(np.where(bounded, cond, 1.0))
+    if bounded.any():
+        right_y = (
+            float(math.floor(log_cond[bounded].min() - 0.15)),
+            float(math.ceil(log_cond[bounded].max() + 0.15)),
         )
-        for k in depth[unbounded]:
-            right.annotate(
-                "∞",
-                (float(k), top),
-                textcoords="offset points",
-                xytext=(0, 5),
-                ha="center",
-                fontsize=9,
-                color="crimson",
+    else:
+        right_y = (0.0, 1.0)
+    band = _BAND if unbounded.any() else 0
+    top = band + _BAND_GAP if band else 0
+
+    left_ticks = _log_ticks(*left_y, _PLOT_H)
+    right_ticks = _log_ticks(*right_y, _PLOT_H - top)
+
+    # Horizontal layout: [y label | ticks | left plot | legend | y label | ticks | right plot].
+    names = [txt.fit_middle(small, x.name, _NAME_MAX) for x in layers]
+    left_tw = max(_power_stamp(m, e).width for m, e in left_ticks[0])
+    right_tw = max(
+        [_power_stamp(m, e).width for m, e in right_ticks[0]]
+        + [txt.text_width(infinity_face, "∞") if band else 0]
+    )
+    x_left = _MARGIN + lh_label + 6 + left_tw + 8
+    side_x = x_left + _LEFT_W + 16
+    drawn = [k for k in range(count) if ratios[k][1].size]
+    legend = count <= _LEGEND_MAX
+    if legend:
+        side_w = 30 + max([txt.text_width(small, names[k]) for k in drawn] + [0])
+    else:
+        ends = max(txt.text_width(small, names[0]), txt.text_width(small, names[-1]))
+        side_w = lh_small + 4 + 14 + 6 + ends
+    x_right = side_x + side_w + 24 + lh_label + 6 + right_tw + 8
+    right_w = min(_RIGHT_W, 280 + 40 * count)
+    width = x_right + right_w + _MARGIN + 8
+
+    # Vertical: title, a note row, the plots, then tick labels / rotated layer names.
+    y_plot = _MARGIN + txt.line_height(title_face) + 8 + lh_small + 4
+    step = max(1, math.ceil(count / _TICKS_MAX), math.ceil(count * (lh_small + 1) / right_w))
+    shown = list(range(0, count, step))
+    names_h = max(txt.text_width(small, names[k]) for k in shown)
+    below = max(8 + txt.line_height(tick_face) + 6 + lh_label, 10 + names_h)
+    height = y_plot + _PLOT_H + below + _MARGIN
+
+    figure = Image.new("RGB", (width, height), _WHITE)
+    draw = ImageDraw.Draw(figure)
+    caption = txt.fit(title_face, title, width - 2 * _MARGIN)
+    txt.paste_text(figure, (width / 2, _MARGIN), caption, title_face, _BLACK, "ma")
+
+    # --- left: the spectra ---
+    left = _Axes(x_left, y_plot, _LEFT_W, _PLOT_H, (0.0, 1.0), left_y)
+    labelled, lines, minors = left_ticks
+    for ly in minors:
+        left.hline(draw, ly, _GRID_MINOR)
+    for gx in (0.2, 0.4, 0.6, 0.8):
+        left.vline(draw, gx, _GRID_MAJOR)
+    for e in lines:
+        left.hline(draw, e, _GRID_MAJOR)
+    if zeros:
+        left.hline(draw, floor, _ZERO_LINE, dash=2)
+    # Drawn straight on the figure, without antialiasing: a supersampled data area (4× the
+    # pixels, then reduced) costs more than the rest of the figure in a freshly forked job.
+    line_width = 1 if count > _LEGEND_MAX else 2
+    for k in drawn:
+        xs, rs = ratios[k]
+        log_r = np.full(rs.shape, floor)
+        np.log10(rs, out=log_r, where=rs > 0)
+        xy = left.points(xs, log_r)
+        if len(xy) >= 4:
+            draw.line(xy, fill=colours[k], width=line_width, joint="curve")
+        if rs.size <= _DOTS_MAX:
+            for px, py in zip(xy[::2], xy[1::2], strict=True):
+                qx, qy = round(px), round(py)
+                draw.ellipse((qx - 3, qy - 3, qx + 3, qy + 3), fill=colours[k])
+    left.frame(draw)
+    _y_ticks(draw, left, lines, minors)
+    _decade_labels(figure, left, labelled)
+    for tx in (0.0, 0.2, 0.4, 0.6, 0.8, 1.0):
+        px = left.column(tx)
+        draw.line((px, left.y0 + left.height, px, left.y0 + left.height + 4), fill=_BLACK)
+        label = f"{tx:.1f}"
+        txt.paste_text(
+            figure, (px + 0.5, left.y0 + left.height + 7), label, tick_face, _BLACK, "ma"
+        )
+    y_xlabel = left.y0 + left.height + 8 + txt.line_height(tick_face) + 4
+    txt.paste_text(
+        figure,
+        (left.x0 + left.width / 2, y_xlabel),
+        "relative index i / n",
+        label_face,
+        _BLACK,
+        "ma",
+    )
+    txt.paste_text(
+        figure,
+        (_MARGIN, left.y0 + left.height / 2),
+        "σᵢ / σ₁",
+        label_face,
+        _BLACK,
+        "lm",
+        rotate=True,
+    )
+    if zeros:
+        y = left.row(floor) - 2
+        note = "σᵢ = 0 drawn here"
+        box = (left.x0 + 4, y - lh_small, left.x0 + 8 + txt.text_width(small, note), y)
+        draw.rectangle(box, fill=_WHITE)
+        txt.paste_text(figure, (left.x0 + 6, y), note, small, _GREY_TEXT, "ld")
+
+    # --- between: a legend, or a depth colour bar ---
+    if legend:
+        y = left.y0 + 2
+        for k in drawn:
+            mid = y + lh_small // 2
+            draw.rectangle((side_x, mid - 1, side_x + 22, mid), fill=colours[k])
+            draw.ellipse((side_x + 8, mid - 3, side_x + 14, mid + 3), fill=colours[k])
+            txt.paste_text(figure, (side_x + 28, y), names[k], small, _BLACK, "la")
+            y += lh_small + 3
+    else:
+        bar_x = side_x + lh_small + 4
+        lut = colormap_lut("viridis")
+        column = lut[np.linspace(255, 0, _PLOT_H).round().astype(np.intp)]
+        bar = np.ascontiguousarray(np.repeat(column[:, None, :], 14, axis=1))
+        figure.paste(Image.fromarray(bar, mode="RGB"), (bar_x, left.y0))
+        draw.rectangle((bar_x - 1, left.y0 - 1, bar_x + 14, left.y0 + _PLOT_H), outline=_BLACK)
+        for y, name in ((left.y0, names[-1]), (left.y0 + _PLOT_H - 1, names[0])):
+            draw.line((bar_x + 14, y, bar_x + 17, y), fill=_BLACK)
+            txt.paste_text(figure, (bar_x + 20, y), name, small, _BLACK, "lm")
+        txt.paste_text(
+            figure,
+            (side_x, left.y0 + _PLOT_H / 2),
+            "layer depth",
+            small,
+            _GREY_TEXT,
+            "lm",
+            rotate=True,
+        )
+
+    # --- right: condition numbers by depth ---
+    right = _Axes(x_right, y_plot, right_w, _PLOT_H, (-0.6, count - 0.4), right_y, top=top)
+    labelled, lines, minors = right_ticks
+    for ly in minors:
+        right.hline(draw, ly, _GRID_MINOR)
+    for e in lines:
+        right.hline(draw, e, _GRID_MAJOR)
+    if band:
+        y = right.y0 + band
+        for x in range(right.x0, right.x0 + right.width - 3, 6):
+            draw.line((x, y, x + 2, y), fill=_GRID_MAJOR)
+    depth = np.arange(count)
+    xy = right.points(depth[bounded], log_cond[bounded])
+    if len(xy) >= 4:
+        draw.line(xy, fill=_JOIN, width=1)
+    rad = 3.5 if count > 30 else 4.5
+    for k, px, py in zip(depth[bounded], xy[::2], xy[1::2], strict=True):
+        draw.ellipse((px - rad, py - rad, px + rad, py + rad), fill=colours[k], outline=_EDGE)
+    if band:
+        cy = right.y0 + band / 2
+        side = 4.0 if count > 30 else 6.0
+        for px in right.u(depth[unbounded]) + right.x0:
+            draw.polygon(
+                [(px - side, cy + side * 0.8), (px + side, cy + side * 0.8), (px, cy - side)],
+                fill=_UNBOUNDED,
             )
-        right.legend(fontsize=7, loc="lower right")
-    # Headroom for the ∞ markers only when there are some.
-    right.set_ylim(lo / 3, top * 4 if unbounded.any() else hi * 3)
-    _log_axis(right.yaxis)
-    _name_ticks(right, [x.name for x in layers])
-    right.set_ylabel("condition number σ₁ / σₙ")
-    right.grid(True, which="major", alpha=0.45)
-    right.grid(True, which="minor", alpha=0.15)
-    fig.suptitle(title, fontsize=11)
-    return _save(fig, path)
+    right.frame(draw)
+    _y_ticks(draw, right, lines, minors)
+    _decade_labels(figure, right, labelled)
+    if band:
+        y = right.y0 + band // 2
+        draw.line((right.x0 - 6, y, right.x0 - 2, y), fill=_BLACK)
+        txt.paste_text(figure, (right.x0 - 8, y), "∞", infinity_face, _UNBOUNDED_TEXT, "rm")
+        which = [layers[k].name for k in depth[unbounded]]
+        note = f"▲ ∞: σ₁/σₙ unbounded (σₙ = 0) for {len(which)} layer" + "s" * (len(which) > 1)
+        if txt.text_width(small, f"{note}: {', '.join(which)}") <= right.width:
+            note = f"{note}: {', '.join(which)}"
+        txt.paste_text(
+            figure, (right.x0 + right.width, right.y0 - 4), note, small, _UNBOUNDED_TEXT, "rd"
+        )
+    for k in shown:
+        px = right.column(k)
+        draw.line((px, right.y0 + right.height, px, right.y0 + right.height + 4), fill=_BLACK)
+        txt.paste_text(
+            figure,
+            (px + 0.5, right.y0 + right.height + 7),
+            names[k],
+            small,
+            _BLACK,
+            "ma",
+            rotate=True,
+        )
+    txt.paste_text(
+        figure,
+        (side_x + side_w + 24, right.y0 + right.height / 2),
+        "condition number σ₁ / σₙ",
+        label_face,
+        _BLACK,
+        "lm",
+        rotate=True,
+    )
+    axes = {"spectra": left.layout(), "condition": right.layout()}
+    return write_png(figure, path, {AXES_KEY: json.dumps(axes)})
 
 
 def curves_plot(

@@ -4,6 +4,9 @@ deepscope.service.app:app_from_env`` (what ``deepscope api`` runs)."""
 from __future__ import annotations
 
 import logging
+import threading
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
@@ -12,14 +15,16 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 
 from deepscope import __version__
-from deepscope.contract.errors import describe_errors
+from deepscope.contract.errors import describe_errors, public_text
 from deepscope.service.deps import ServiceState
 from deepscope.service.links import LinkSigner
 from deepscope.service.metrics import Metrics, MetricsMiddleware
 from deepscope.service.routes import artifacts, datasets, health, jobs, models, ui
-from deepscope.service.uploads import MultipartError
+from deepscope.service.uploads import MultipartError, sweep_orphans
 from deepscope.settings import Settings
 from deepscope.store.backend import Backend, QuotaExceededError
+from deepscope.store.fairness import QueueFullError
+from deepscope.store.recovery import Reaper
 from deepscope.store.storage import UploadTooLargeError
 
 __all__ = ["app_from_env", "create_app"]
@@ -35,9 +40,33 @@ Authenticate with `Authorization: Bearer KEY`. Errors are `{"detail": "..."}`.
 
 
 def create_app(settings: Settings | None = None, *, backend: Backend | None = None) -> FastAPI:
-    """The API for one deployment. Connects to Redis lazily (on the first request)."""
+    """The API for one deployment. Connects to Redis lazily (on the first request).
+
+    While it serves, a thread settles the jobs of dead workers (:class:`Reaper`; one API
+    process at a time), so that a job is settled even when no worker is left alive. When it
+    starts, another deletes what uploads cut short left behind (:func:`sweep_orphans`).
+    """
     settings = settings if settings is not None else Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if settings.upload_sweep_age_s > 0:
+            # What uploads cut short left behind (temporary files, unregistered blobs).
+            threading.Thread(
+                target=sweep_orphans,
+                args=(app.state.deepscope.backend, tmp_dir, settings.upload_sweep_age_s),
+                name="deepscope-sweep",
+                daemon=True,
+            ).start()
+        reaper = Reaper(settings)
+        reaper.start()
+        try:
+            yield
+        finally:
+            reaper.stop()
+
     app = FastAPI(
+        lifespan=lifespan,
         title="deepscope",
         version=__version__,
         description=_DESCRIPTION,
@@ -76,16 +105,18 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     @app.exception_handler(HTTPException)
     async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
         return JSONResponse(
-            {"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers
+            {"detail": public_text(str(exc.detail))},
+            status_code=exc.status_code,
+            headers=exc.headers,
         )
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": describe_errors(exc.errors())}, status_code=422)
+        return JSONResponse({"detail": public_text(describe_errors(exc.errors()))}, status_code=422)
 
     @app.exception_handler(MultipartError)
     async def _multipart(request: Request, exc: MultipartError) -> JSONResponse:
-        return JSONResponse({"detail": str(exc)}, status_code=400)
+        return JSONResponse({"detail": public_text(str(exc))}, status_code=400)
 
     @app.exception_handler(UploadTooLargeError)
     async def _too_large(request: Request, exc: UploadTooLargeError) -> JSONResponse:
@@ -94,6 +125,14 @@ def create_app(settings: Settings | None = None, *, backend: Backend | None = No
     @app.exception_handler(QuotaExceededError)
     async def _quota(request: Request, exc: QuotaExceededError) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=409)
+
+    @app.exception_handler(QueueFullError)
+    async def _queue_full(request: Request, exc: QueueFullError) -> JSONResponse:
+        return JSONResponse(
+            {"detail": str(exc)},
+            status_code=429,
+            headers={"Retry-After": str(exc.retry_after_s)},
+        )
 
     @app.exception_handler(RedisError)
     async def _redis_down(request: Request, exc: RedisError) -> JSONResponse:

@@ -37,6 +37,7 @@ _DESCRIPTIONS = {
     409: "Conflict with the object's state (model not ready, job finished, quota reached)",
     413: "Upload larger than DEEPSCOPE_MAX_UPLOAD_BYTES",
     422: "Invalid fields; the detail names them",
+    429: "Too many of the tenant's jobs wait already; retry after Retry-After seconds",
     503: "Redis unreachable",
 }
 

@@ -20,8 +20,10 @@ from redis.exceptions import RedisError
 from rq.registry import StartedJobRegistry
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from deepscope.store.queues import QueueName, alive_workers, get_queue
+from deepscope.settings import Settings
+from deepscope.store.queues import QueueName, get_queue
 from deepscope.store.records import DURATION_BUCKETS, Records, job_stats
+from deepscope.store.recovery import live_workers
 
 __all__ = ["JobStatsCollector", "Metrics", "MetricsMiddleware"]
 
@@ -99,11 +101,11 @@ class Metrics:
         self.job_stats = JobStatsCollector()
         self.registry.register(self.job_stats)
 
-    def refresh(self, redis: Redis) -> None:
-        """Read queue depths, running jobs, live workers and job statistics from Redis (at
-        scrape time)."""
+    def refresh(self, redis: Redis, settings: Settings) -> None:
+        """Read queue depths, running jobs, live workers (by heartbeat) and job statistics
+        from Redis (at scrape time)."""
         try:
-            alive = alive_workers(redis)
+            alive = live_workers(redis, settings)
             for q in QueueName:
                 queue = get_queue(redis, q.value)
                 self.queue_depth.labels(q.value).set(len(queue))

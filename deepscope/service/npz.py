@@ -2,24 +2,40 @@
 
 The rules follow :func:`deepscope.models.datasets.load_dataset`, which the worker applies again:
 ``images`` (N, H, W) or (N, C, H, W), uint8 or float in [0, 1]; ``labels`` (N,) non-negative
-integers; optional ``class_names``. Array headers are read first, so a small compressed file
-that would decompress to gigabytes is refused before anything is loaded; pickled (object)
-arrays are refused.
+integers; optional ``class_names`` (valid text). Shapes, types and sizes come from the ``.npy``
+headers, so a small compressed file that would decompress to gigabytes (over the size limit, or
+compressed more than 200:1) is refused without decompressing it; pickled (object) arrays are
+refused. The API never holds an array: the values it checks (float images' range, the labels)
+are streamed a megabyte at a time, and ``class_names`` is read only when it is small.
 """
 
 from __future__ import annotations
 
 import math
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 import numpy as np
+from numpy.typing import NDArray
+
+from deepscope.contract.text import check_text
 
 __all__ = ["NpzInfo", "inspect_npz", "npz_images_shape"]
 
 #: Arrays in one .npz (a dataset needs 2 or 3; many tiny entries would only cost memory).
 _MAX_MEMBERS = 64
+#: An array that decompresses to more than this many times its compressed size is refused
+#: (zeros compress about 1000:1; real images, even mostly blank ones, far less) ...
+_MAX_RATIO = 200
+#: ... once it is this large (a small array may compress any amount).
+_RATIO_FROM_BYTES = 16 * 1024 * 1024
+#: What is read of an array at a time when its values are checked.
+_CHUNK_BYTES = 1024 * 1024
+#: ``class_names`` is read whole, so it must be small.
+_MAX_NAMES_BYTES = 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -51,8 +67,32 @@ def _member_count(path: Path) -> int | None:
     return total
 
 
-def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]]:
-    """{array name: (shape, dtype)} from the .npy headers inside the archive."""
+@dataclass(frozen=True)
+class _Array:
+    """An array of the archive, as its ``.npy`` header and its zip entry describe it."""
+
+    member: str
+    shape: tuple[int, ...]
+    dtype: np.dtype[np.generic]
+    compressed: int  # bytes of the zip entry
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def _read_header(f: IO[bytes]) -> tuple[tuple[int, ...], np.dtype[np.generic]]:
+    version = np.lib.format.read_magic(f)
+    if version == (1, 0):
+        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
+    else:
+        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
+    return tuple(int(d) for d in shape), dtype
+
+
+def _headers(path: Path) -> dict[str, _Array]:
+    """{array name: what its header says}, from the .npy headers inside the archive (nothing
+    else of an array is read)."""
     try:
         members = _member_count(path)
     except OSError:
@@ -63,35 +103,92 @@ def _headers(path: Path) -> dict[str, tuple[tuple[int, ...], np.dtype[np.generic
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError):
         raise ValueError("not an .npz file (it is not a zip archive)") from None
-    out: dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]] = {}
+    out: dict[str, _Array] = {}
     with archive:
-        for member in archive.namelist():
+        for info in archive.infolist():
+            member = info.filename
             if not member.endswith(".npy"):
                 continue
-            with archive.open(member) as f:
-                try:
-                    version = np.lib.format.read_magic(f)
-                    if version == (1, 0):
-                        shape, _, dtype = np.lib.format.read_array_header_1_0(f)
-                    else:
-                        shape, _, dtype = np.lib.format.read_array_header_2_0(f)
-                except ValueError as exc:
-                    raise ValueError(f"{member}: not a .npy array: {exc}") from None
-            out[member[: -len(".npy")]] = (tuple(int(d) for d in shape), dtype)
+            try:
+                with archive.open(info) as f:
+                    shape, dtype = _read_header(f)
+            except ValueError as exc:
+                raise ValueError(f"{member}: not a .npy array: {exc}") from None
+            except (zipfile.BadZipFile, OSError, EOFError, NotImplementedError) as exc:
+                raise ValueError(f"{member}: cannot be read from the archive ({exc})") from None
+            out[member[: -len(".npy")]] = _Array(member, shape, dtype, info.compress_size)
     return out
 
 
-def _check_size(
-    headers: dict[str, tuple[tuple[int, ...], np.dtype[np.generic]]], max_bytes: int
-) -> None:
-    for name, (shape, dtype) in headers.items():
-        if dtype.hasobject:
+def _check_size(headers: dict[str, _Array], max_bytes: int) -> None:
+    """Refuse pickled arrays, arrays over ``max_bytes``, and arrays that decompress to far more
+    than they take in the archive (a decompression bomb), from their headers alone."""
+    for name, array in headers.items():
+        if array.dtype.hasobject:
             raise ValueError(f"{name!r} is an object (pickled) array; only numeric arrays")
-        size = math.prod(shape) * dtype.itemsize
+        size = array.nbytes
         if size > max_bytes:
             raise ValueError(
                 f"{name!r} would take {size} bytes in memory, over the limit of {max_bytes}"
             )
+        if size >= _RATIO_FROM_BYTES and size > _MAX_RATIO * max(1, array.compressed):
+            raise ValueError(
+                f"{name!r} would decompress from {array.compressed} to {size} bytes, more than "
+                f"{_MAX_RATIO}:1 (a decompression bomb?)"
+            )
+
+
+def _chunks(path: Path, array: _Array) -> Iterator[NDArray[np.generic]]:
+    """The array's values a bounded chunk at a time (never the whole array in memory)."""
+    count = math.prod(array.shape)
+    itemsize = max(1, array.dtype.itemsize)
+    per_chunk = max(1, _CHUNK_BYTES // itemsize)
+    with zipfile.ZipFile(path) as archive, archive.open(array.member) as f:
+        _read_header(f)
+        left = count
+        while left > 0:
+            n = min(per_chunk, left)
+            raw = f.read(n * itemsize)
+            if len(raw) < n * itemsize:
+                raise ValueError(f"{array.member} is truncated")
+            yield np.frombuffer(raw, dtype=array.dtype)
+            left -= n
+
+
+def _value_range(path: Path, array: _Array, what: str) -> tuple[float, float]:
+    """(min, max) of an array, streamed; ValueError on NaN or infinity."""
+    lo, hi = math.inf, -math.inf
+    try:
+        for chunk in _chunks(path, array):
+            if chunk.dtype.kind == "f" and not np.isfinite(chunk).all():
+                raise ValueError(f"{what} contain NaN or infinity")
+            if chunk.size:
+                lo, hi = min(lo, float(chunk.min())), max(hi, float(chunk.max()))
+    except (zipfile.BadZipFile, OSError, EOFError) as exc:
+        raise ValueError(f"{what} cannot be read from the archive ({exc})") from None
+    return lo, hi
+
+
+def _class_names(path: Path, array: _Array) -> list[str]:
+    """The class names, read whole: a small array (at most _MAX_NAMES_BYTES)."""
+    if len(array.shape) != 1 or array.dtype.kind not in "US":
+        raise ValueError("'class_names' must be a 1-d string array")
+    if array.nbytes > _MAX_NAMES_BYTES:
+        raise ValueError(
+            f"'class_names' would take {array.nbytes} bytes; at most {_MAX_NAMES_BYTES}"
+        )
+    with zipfile.ZipFile(path) as archive, archive.open(array.member) as f:
+        values = np.lib.format.read_array(f, allow_pickle=False).tolist()
+    names = []
+    for i, value in enumerate(values):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode()
+            except UnicodeDecodeError:
+                raise ValueError(f"class_names[{i}] is not UTF-8 text") from None
+        names.append(str(value))
+    check_text(names, "class_names")
+    return names
 
 
 def _image_shape(shape: tuple[int, ...], where: str) -> tuple[int, tuple[int, int, int]]:
@@ -114,47 +211,45 @@ def npz_images_shape(path: Path, key: str, max_bytes: int) -> tuple[int, tuple[i
     if key not in headers:
         raise ValueError(f"the .npz has no {key!r} array (has: {', '.join(sorted(headers))})")
     _check_size({key: headers[key]}, max_bytes)
-    shape, dtype = headers[key]
-    if dtype != np.uint8 and dtype.kind != "f":
-        raise ValueError(f"{key!r} must be uint8 (0..255) or float in [0, 1], got {dtype}")
-    return _image_shape(shape, repr(key))
+    array = headers[key]
+    if array.dtype != np.uint8 and array.dtype.kind != "f":
+        raise ValueError(f"{key!r} must be uint8 (0..255) or float in [0, 1], got {array.dtype}")
+    return _image_shape(array.shape, repr(key))
 
 
 def inspect_npz(path: Path, *, max_bytes: int) -> NpzInfo:
-    """Validate a dataset archive and describe it; ValueError with a one-line reason."""
+    """Validate a dataset archive and describe it; ValueError with a one-line reason.
+
+    Shapes, types and sizes come from the headers. The values the checks need (the range of
+    float images, the labels) are streamed a chunk at a time; uint8 images are never read.
+    """
     headers = _headers(path)
     for key in ("images", "labels"):
         if key not in headers:
             have = ", ".join(sorted(headers)) or "none"
             raise ValueError(f"the .npz has no {key!r} array (has: {have})")
     _check_size(headers, max_bytes)
-    with np.load(path, allow_pickle=False) as data:
-        images = np.asarray(data["images"])
-        labels = np.asarray(data["labels"])
-        names_arr = np.asarray(data["class_names"]) if "class_names" in headers else None
+    images, labels = headers["images"], headers["labels"]
     n, chw = _image_shape(images.shape, "'images'")
     if images.dtype != np.uint8:
         if images.dtype.kind != "f":
             raise ValueError(f"'images' must be uint8 or float in [0, 1], got {images.dtype}")
-        if not np.isfinite(images).all():
-            raise ValueError("'images' contain NaN or infinity")
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = _value_range(path, images, "'images'")
         if lo < 0.0 or hi > 1.0:
             raise ValueError(f"float 'images' must lie in [0, 1], got values in [{lo:g}, {hi:g}]")
-    if labels.ndim != 1 or labels.dtype.kind not in "iu":
+    if len(labels.shape) != 1 or labels.dtype.kind not in "iu":
         raise ValueError(
             f"'labels' must be 1-d integers (N,), got {labels.dtype} of shape {list(labels.shape)}"
         )
-    if len(labels) != n:
-        raise ValueError(f"{n} images but {len(labels)} labels")
-    if int(labels.min()) < 0:
-        raise ValueError(f"labels must be non-negative, got {int(labels.min())}")
-    num_classes = int(labels.max()) + 1
+    if labels.shape[0] != n:
+        raise ValueError(f"{n} images but {labels.shape[0]} labels")
+    low, high = _value_range(path, labels, "'labels'")
+    if low < 0:
+        raise ValueError(f"labels must be non-negative, got {int(low)}")
+    num_classes = int(high) + 1
     class_names: list[str] | None = None
-    if names_arr is not None:
-        if names_arr.ndim != 1 or names_arr.dtype.kind not in "US":
-            raise ValueError("'class_names' must be a 1-d string array")
-        class_names = [n.decode() if isinstance(n, bytes) else str(n) for n in names_arr.tolist()]
+    if "class_names" in headers:
+        class_names = _class_names(path, headers["class_names"])
         if len(class_names) < num_classes:
             raise ValueError(
                 f"{len(class_names)} class_names but labels go up to {num_classes - 1}"

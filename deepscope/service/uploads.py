@@ -8,12 +8,15 @@ enforces the limit as the bytes arrive.
 
 from __future__ import annotations
 
+import logging
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
+from deepscope.store.backend import Backend
 from deepscope.store.storage import UploadSink, UploadTooLargeError
 
 __all__ = [
@@ -23,7 +26,10 @@ __all__ = [
     "TooManyFilesError",
     "multipart_body",
     "parse_multipart",
+    "sweep_orphans",
 ]
+
+log = logging.getLogger("deepscope.service")
 
 _MAX_FIELD_BYTES = 1024 * 1024
 _MAX_FIELDS = 32
@@ -214,3 +220,27 @@ def multipart_body(
             },
         }
     }
+
+
+def sweep_orphans(backend: Backend, tmp_dir: Path, max_age_s: float) -> tuple[int, int]:
+    """Delete what uploads that never finished left behind, once older than ``max_age_s``:
+    temporary upload files in ``tmp_dir`` (a process killed mid-request) and stored blobs no
+    model or dataset references (killed between storing and registering). Run when the API
+    starts; logs and swallows its errors. → (temporary files, blobs) deleted."""
+    cutoff = time.time() - max_age_s
+    files = 0
+    try:
+        for path in tmp_dir.glob("upload-*"):
+            try:
+                if path.is_file() and path.stat().st_mtime < cutoff:
+                    path.unlink()
+                    files += 1
+            except FileNotFoundError:
+                continue
+        blobs = len(backend.sweep_blobs(max_age_s))
+    except Exception:
+        log.exception("sweeping orphaned uploads failed")
+        return files, 0
+    if files or blobs:
+        log.warning("swept %d temporary upload file(s) and %d orphaned blob(s)", files, blobs)
+    return files, blobs

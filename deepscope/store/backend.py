@@ -8,18 +8,24 @@ RQ's view of the job and settle the record, so nothing stays ``running`` forever
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import re
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from pydantic import BaseModel
 from redis import Redis
+from redis.lock import Lock
 
 from deepscope import __version__
+from deepscope.contract.errors import add_private_root, public_text
 from deepscope.contract.status import JobError, JobStatus, ModelStatus
 from deepscope.manifest import Manifest
 from deepscope.settings import Settings
-from deepscope.store import lifecycle
+from deepscope.store import fairness, lifecycle
 from deepscope.store.lifecycle import PREDICT_ANALYSIS, Death, JobConflictError
 from deepscope.store.queues import (
     PREDICT,
@@ -43,7 +49,7 @@ from deepscope.store.records import (
     utcnow,
 )
 from deepscope.store.recovery import is_crash, recover_job, recover_validation
-from deepscope.store.storage import Storage
+from deepscope.store.storage import Storage, UploadSink
 
 __all__ = [
     "Backend",
@@ -53,11 +59,13 @@ __all__ = [
     "manifest_sha256",
 ]
 
+#: Seconds a blob's lock is held at most (storing a large upload on remote storage).
+_BLOB_LOCK_S = 600
 _EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Exit|Interrupt)): ?(.*)$")
 
 
 class QuotaExceededError(ValueError):
-    """The tenant has as many models as the deployment allows (HTTP 409)."""
+    """The tenant has as many models (or datasets) as the deployment allows (HTTP 409)."""
 
 
 def manifest_sha256(manifest: Manifest) -> str:
@@ -78,14 +86,19 @@ def error_from_rq(state: RQState) -> JobError:
                 type="timeout",
                 message=f"the job timed out after {after} (DEEPSCOPE_JOB_TIMEOUT)",
             )
-        return JobError(type=kind, message=message)
+        return JobError(type=kind, message=public_text(message))
     if "terminated unexpectedly" in line:
         return JobError(
             type="worker_crashed",
             message="the worker process died while running the job (out of memory, or a crash "
             f"in native code): {line.rstrip(';')}",
         )
-    return JobError(type="worker_error", message=line)
+    return JobError(type="worker_error", message=public_text(line))
+
+
+#: Seconds a ready model's record is reused by :meth:`Backend.model_for_job`, and how many.
+_READY_CACHE_S = 2.0
+_READY_CACHE_SIZE = 1024
 
 
 class Backend:
@@ -98,6 +111,72 @@ class Backend:
         self.redis = redis if redis is not None else connect(settings.resolved_redis_url())
         self.records = Records(self.redis)
         self.storage = storage if storage is not None else Storage(settings.storage_location)
+        #: (tenant, model id) → (when, record) of ready models: :meth:`model_for_job`.
+        self._ready: dict[tuple[str, str], tuple[float, ModelRecord]] = {}
+        add_private_root(settings.data_dir)
+        if self.storage.local:
+            add_private_root(self.storage.root)
+
+    # --- blobs ----------------------------------------------------------------------------
+
+    def _blob_lock(self, sha256: str) -> Lock:
+        """Serializes writing a blob with deleting it (one sha256, every process)."""
+        lock: Lock = self.redis.lock(
+            f"ds:lock:blob:{sha256}",
+            timeout=_BLOB_LOCK_S,
+            blocking_timeout=_BLOB_LOCK_S,
+            sleep=0.01,
+        )
+        return lock
+
+    @contextmanager
+    def stored_upload(self, sink: UploadSink) -> Iterator[str]:
+        """Store a finished upload under its sha256 for the registration in the block. → sha256.
+
+        The blob is pinned (a pending reference) while the block runs; afterwards it is
+        deleted unless a record references it, so a failed registration (a quota, an invalid
+        field, Redis) leaves no file behind. Blobs are shared by content: one that another
+        record (or another upload in flight) uses stays.
+        """
+        sink.close()
+        sha = sink.sha256
+        pin = self.records.pin_blob(sha)
+        try:
+            # Under the lock: a concurrent delete of the same blob either ran before (and the
+            # file is written again) or sees the pin (and keeps it).
+            with self._blob_lock(sha):
+                self.storage.put_blob(sink)
+            yield sha
+        finally:
+            if self.records.unpin_blob(sha, pin) == 0:
+                self._delete_blob_if_unused(sha)
+
+    def _delete_blob_if_unused(self, sha256: str) -> bool:
+        """Delete the blob when no record and no upload in flight references it. → deleted?"""
+        with self._blob_lock(sha256):
+            if self.records.blob_refs(sha256):
+                return False
+            self.storage.delete(Storage.blob_key(sha256))
+            return True
+
+    def sweep_blobs(self, max_age_s: float) -> list[str]:
+        """Delete the blobs nothing references that are older than ``max_age_s`` (left by an
+        API process that died between storing and registering an upload, or by a lost Redis),
+        stale pending references, and leftover temporary files. → the keys deleted."""
+        cutoff = time.time() - max_age_s
+        deleted = []
+        for key, sha, mtime in list(self.storage.blobs()):
+            if mtime is None or mtime > cutoff:
+                continue
+            if not sha:  # a temporary file of a write that never finished
+                with contextlib.suppress(FileNotFoundError):  # another API swept it first
+                    self.storage.delete(key)
+                    deleted.append(key)
+            elif self.records.drop_stale_pins(sha, cutoff) == 0 and self._delete_blob_if_unused(
+                sha
+            ):
+                deleted.append(key)
+        return deleted
 
     # --- models ---------------------------------------------------------------------------
 
@@ -145,6 +224,26 @@ class Backend:
             )
         return rec
 
+    def model_for_job(self, model_id: str, tenant: str) -> ModelRecord | None:
+        """The tenant's model, reconciled (:meth:`refresh_model`). A ``ready`` record is kept
+        for a moment in this process: it does not change once ready (a deletion is seen
+        within ``_READY_CACHE_S``; a job on a model deleted meanwhile fails with "deleted"),
+        and submissions of many jobs on one model are the API's hottest path."""
+        now = time.monotonic()
+        hit = self._ready.get((tenant, model_id))
+        if hit is not None and now - hit[0] < _READY_CACHE_S:
+            return hit[1]
+        rec = self.records.get_model(model_id, tenant)
+        if rec is None:
+            self._ready.pop((tenant, model_id), None)
+            return None
+        rec = self.refresh_model(rec)
+        if rec.status is ModelStatus.READY:
+            if len(self._ready) >= _READY_CACHE_SIZE:
+                self._ready.clear()
+            self._ready[(tenant, model_id)] = (now, rec)
+        return rec
+
     def refresh_model(self, rec: ModelRecord) -> ModelRecord:
         """Settle a model whose validation job died without writing its verdict."""
         if rec.status is not ModelStatus.VALIDATING:
@@ -170,14 +269,24 @@ class Backend:
         return lifecycle.settle_validation(self.records, rec, reason) or rec
 
     def delete_model(self, rec: ModelRecord) -> None:
+        self._ready.pop((rec.tenant, rec.id), None)
         if self.records.delete_model(rec):
-            self.storage.delete(Storage.blob_key(rec.sha256))
+            self._delete_blob_if_unused(rec.sha256)
 
     # --- datasets -------------------------------------------------------------------------
 
+    def register_dataset(self, rec: DatasetRecord) -> None:
+        """Record an uploaded dataset; QuotaExceededError when the tenant has as many as the
+        deployment allows (checked and written in one transaction)."""
+        if not self.records.put_dataset(rec, limit=self.settings.max_datasets_per_tenant):
+            raise QuotaExceededError(
+                f"dataset limit reached ({self.settings.max_datasets_per_tenant} per tenant, "
+                "DEEPSCOPE_MAX_DATASETS_PER_TENANT); delete one first"
+            )
+
     def delete_dataset(self, rec: DatasetRecord) -> None:
         if self.records.delete_dataset(rec):
-            self.storage.delete(Storage.blob_key(rec.sha256))
+            self._delete_blob_if_unused(rec.sha256)
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -231,6 +340,21 @@ class Backend:
         )
         rec = JobRecord(id=new_id(), queue=queue, **common)
         rec.source_job = rec.id
+        if not fairness.admit(self.redis, self.settings, tenant, rec.id):
+            # The tenant's share of the queues is in use: the job waits its turn, and is
+            # queued when one of the tenant's jobs ends (fairness.release).
+            ahead = fairness.waiting(self.redis, tenant)
+            rec.message = (
+                f"waiting for its turn: {ahead} of your jobs wait before it, and "
+                f"{self.settings.tenant_running_jobs} run or are queued "
+                "(DEEPSCOPE_TENANT_RUNNING_JOBS)"
+            )
+            self.records.put_job(rec)
+            fairness.wait_turn(self.redis, self.settings, tenant, rec.id)
+            # A slot held by a job that ended without releasing it (its process died) is
+            # taken back here rather than only by the reaper.
+            fairness.repair(self.redis, self.settings, tenants=[tenant])
+            return self.records.get_job(rec.id) or rec
         # The record and the queue entry in one transaction: one round trip, and never one
         # without the other.
         with self.redis.pipeline() as pipe:
@@ -301,6 +425,12 @@ class Backend:
             return rec, {}
         state = rq_state(self.redis, rec.id)
         meta = dict(state.meta or {}) if state is not None else {}
+        if state is None and rec.status is JobStatus.QUEUED and rec.analysis != PREDICT_ANALYSIS:
+            if fairness.is_waiting(self.redis, rec.tenant, rec.id):
+                return rec, meta  # waiting for its tenant's turn: not in RQ yet
+            # Promoted between the two reads: RQ has it now.
+            state = rq_state(self.redis, rec.id)
+            meta = dict(state.meta or {}) if state is not None else {}
         if state is None:
             error = JobError(
                 type="lost",
@@ -326,7 +456,10 @@ class Backend:
             final = JobStatus.FAILED
         else:
             return rec, meta
-        return lifecycle.settle(self.records, rec, final, error) or rec, meta
+        settled = lifecycle.settle(self.records, rec, final, error)
+        if settled is not None and settled.status.terminal:
+            self.job_ended(settled)
+        return settled or rec, meta
 
     def cancel_job(self, rec: JobRecord) -> JobRecord:
         """Cancel a queued job, stop a running one. JobConflictError when it already finished."""
@@ -334,7 +467,14 @@ class Backend:
         # A forking worker stops at once; a GPU worker (in-process) stops at its next progress
         # report, when it sees ``cancel_requested``.
         cancel_rq_job(self.redis, rec.id)
+        if updated is not None:
+            self.job_ended(updated)
         return updated or rec
+
+    def job_ended(self, rec: JobRecord) -> None:
+        """An analysis job ended (or will not run): its slot goes to the tenant's next job."""
+        if rec.analysis != PREDICT_ANALYSIS:
+            fairness.release(self.redis, self.settings, rec.tenant, rec.id)
 
     def result_of(self, rec: JobRecord) -> dict[str, Any] | None:
         if rec.status is not JobStatus.SUCCEEDED:

@@ -6,11 +6,12 @@ validation), and the queue a job goes to.
     queued ──start──▶ running ──finish──▶ succeeded | failed | canceled
       │  ▲                │
       │  └──retry─────────┤   (its worker died; retries left)
+      │  └──requeue───────┤   (its worker was stopped; past the grace period)
       └──cancel / settle──┴──▶ canceled | failed
 
 The submitter (``Backend.submit_analysis``), the worker (``start`` / ``finish``), recovery
-(``retry_or_fail``), the API's reconciliation with RQ (``settle``) and cancel all change
-statuses only through these functions. Each is a read-modify-write of the record under WATCH
+(``retry_or_fail``, ``requeue``), the API's reconciliation with RQ (``settle``) and cancel all
+change statuses only through these functions. Each is a read-modify-write of the record under WATCH
 (:meth:`Records.update_job`), so when several processes race (a worker finishing while a
 reaper decides it died), exactly one transition wins and the others see the result.
 """
@@ -18,6 +19,7 @@ reaper decides it died), exactly one transition wins and the others see the resu
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from redis import Redis
@@ -36,6 +38,7 @@ __all__ = [
     "cancel",
     "finish",
     "queue_for",
+    "requeue",
     "retry_or_fail",
     "retry_or_fail_validation",
     "settle",
@@ -114,13 +117,25 @@ def start(records: Records, job_id: str) -> JobRecord | None:
 
 
 def finish(
-    records: Records, job_id: str, status: JobStatus, error: JobError | None = None
+    records: Records,
+    job_id: str,
+    status: JobStatus,
+    error: JobError | None = None,
+    *,
+    run_started_at: datetime | None = None,
 ) -> JobRecord | None:
     """running → succeeded | failed | canceled, by the worker that ran it. A job canceled
-    meanwhile stays canceled."""
+    meanwhile stays canceled.
+
+    ``run_started_at`` (the ``started_at`` that :func:`start` gave this run) makes it the run's
+    own word only: a run that was given up for dead and queued again (then started anew)
+    cannot finish the new run, so a job never succeeds twice.
+    """
 
     def change(current: JobRecord) -> JobRecord | None:
         if current.status is not JobStatus.RUNNING:
+            return None
+        if run_started_at is not None and current.started_at != run_started_at:
             return None
         _move(current, status)
         current.error = error
@@ -145,6 +160,28 @@ def cancel(records: Records, job_id: str) -> JobRecord | None:
         return current
 
     return records.update_job(job_id, change)
+
+
+def requeue(records: Records, job_id: str, reason: str) -> JobRecord | None:
+    """running (or queued) → queued, because its worker was told to stop and the job did not
+    finish within the worker's grace period. No retry is spent: nothing failed. → the record
+    when it moved; None when it had finished, was canceled, or is gone."""
+    moved = False
+
+    def change(current: JobRecord) -> JobRecord | None:
+        nonlocal moved
+        moved = False  # called again when the record changed meanwhile (WATCH)
+        if current.status.terminal or current.cancel_requested:
+            return None
+        _move(current, JobStatus.QUEUED)
+        current.started_at = None
+        current.progress = 0.0
+        current.message = f"queued again: {reason}"
+        moved = True
+        return current
+
+    rec = records.update_job(job_id, change)
+    return rec if moved else None
 
 
 def settle(

@@ -4,7 +4,8 @@ Keys (``ds:`` prefix): ``model:{id}``, ``dataset:{id}``, ``job:{id}``, ``result:
 result, apart from the record so that listings stay small), per-tenant sorted sets
 ``models:{tenant}`` / ``datasets:{tenant}`` / ``jobs:{tenant}`` (score: creation time),
 ``cache:{tenant}:{key}`` (result cache → job id), ``blobrefs:{sha}`` (models and datasets that
-use a blob), ``archs`` (architecture names the workers know), and the job statistics that
+use a blob, and ``pending:{time}:{id}`` while an upload is being registered), ``archs``
+(architecture names the workers know), and the job statistics that
 ``/metrics`` exports (``stats:jobs``, ``stats:job_seconds``: hashes updated in the same
 transaction as every job status change, by whichever process makes it). Ids are uuid4 hex; a record
 carries its tenant and a lookup for another tenant is a miss.
@@ -15,6 +16,7 @@ from __future__ import annotations
 import bisect
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -50,6 +52,8 @@ DURATION_BUCKETS: tuple[float, ...] = (
     0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0,
 )  # fmt: skip
 _JOB_COUNTS = "stats:jobs"
+#: A blob reference held while an upload is being registered.
+_PENDING = "pending:"
 _JOB_SECONDS = "stats:job_seconds"
 
 
@@ -331,9 +335,26 @@ class Records:
 
     # --- datasets -------------------------------------------------------------------------
 
-    def put_dataset(self, rec: DatasetRecord) -> None:
-        self._put(f"dataset:{rec.id}", rec, f"datasets:{rec.tenant}", rec.created_at.timestamp())
-        self.redis.sadd(f"{_P}blobrefs:{rec.sha256}", f"dataset:{rec.id}")
+    def put_dataset(self, rec: DatasetRecord, *, limit: int | None = None) -> bool:
+        """Store the record. With ``limit``: only while the tenant has fewer datasets (checked
+        and written in one transaction, as :meth:`put_model`). → stored?"""
+        index = f"{_P}datasets:{rec.tenant}"
+        with self.redis.pipeline() as pipe:
+            while True:
+                try:
+                    if limit is not None:
+                        pipe.watch(index)  # type: ignore[no-untyped-call]
+                        if int(pipe.zcard(index)) >= limit:
+                            pipe.reset()
+                            return False
+                    pipe.multi()
+                    pipe.set(f"{_P}dataset:{rec.id}", rec.model_dump_json())
+                    pipe.zadd(index, {rec.id: rec.created_at.timestamp()})
+                    pipe.sadd(f"{_P}blobrefs:{rec.sha256}", f"dataset:{rec.id}")
+                    pipe.execute()
+                    return True
+                except WatchError:
+                    continue
 
     def get_dataset(self, dataset_id: str, tenant: str) -> DatasetRecord | None:
         if not is_id(dataset_id):
@@ -348,6 +369,39 @@ class Records:
 
     def delete_dataset(self, rec: DatasetRecord) -> bool:
         return self._delete(f"dataset:{rec.id}", f"datasets:{rec.tenant}", rec.id, rec.sha256)
+
+    # --- blob references ------------------------------------------------------------------
+
+    def pin_blob(self, sha256: str) -> str:
+        """Reference a blob for an upload that is being registered (``pending:{time}:{id}``,
+        so that one an API process left behind can be told stale). → the reference."""
+        ref = f"{_PENDING}{int(time.time())}:{new_id()}"
+        self.redis.sadd(f"{_P}blobrefs:{sha256}", ref)
+        return ref
+
+    def unpin_blob(self, sha256: str, ref: str) -> int:
+        """Drop a reference made by :meth:`pin_blob`. → references left."""
+        pipe = self.redis.pipeline()
+        pipe.srem(f"{_P}blobrefs:{sha256}", ref)
+        pipe.scard(f"{_P}blobrefs:{sha256}")
+        return int(pipe.execute()[-1])
+
+    def blob_refs(self, sha256: str) -> set[str]:
+        """Who uses a blob: ``model:{id}``, ``dataset:{id}``, ``pending:{time}:{id}``."""
+        return {_text(r) for r in self.redis.smembers(f"{_P}blobrefs:{sha256}")}
+
+    def drop_stale_pins(self, sha256: str, older_than: float) -> int:
+        """Remove pending references made before the Unix time ``older_than``. → references
+        left."""
+        stale = []
+        for ref in self.blob_refs(sha256):
+            if ref.startswith(_PENDING):
+                made = ref[len(_PENDING) :].split(":", 1)[0]
+                if not made.isdigit() or int(made) < older_than:
+                    stale.append(ref)
+        if stale:
+            self.redis.srem(f"{_P}blobrefs:{sha256}", *stale)
+        return int(self.redis.scard(f"{_P}blobrefs:{sha256}"))
 
     # --- jobs -----------------------------------------------------------------------------
 

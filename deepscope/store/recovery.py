@@ -3,25 +3,40 @@
 Every ``deepscope worker`` process writes the Redis server's clock into the hash
 ``ds:workers`` (``{worker name: last beat}``) every few seconds, from a thread of its own. A job
 that RQ still counts as started, on a worker that has not beaten for ``worker_dead_after_s``, was
-orphaned by a worker that was killed (SIGKILL, power, OOM killer); any other worker's reaper
-(:func:`reap`) settles it. A job whose own process died under a live worker is settled at once
-by that worker, and the API settles a job RQ marked failed with a crash (:func:`is_crash`).
+orphaned by a worker that was killed (SIGKILL, power, OOM killer); a reaper (:func:`reap`)
+settles it. Reapers run in every worker and in every API process (:class:`Reaper`, so that a
+job is settled even when no worker is left alive); one at a time scans, the holder of the lock
+``ds:reaper`` (:func:`reap_as_leader`). A job whose own process died under a live worker is
+settled at once by that worker, the jobs of a worker that ``deepscope up`` saw exit are settled
+at once by ``up`` (:func:`settle_worker_jobs`), and the API settles a job RQ marked failed with
+a crash (:func:`is_crash`). :func:`live_workers` counts the workers that beat, per queue.
 
 Settling (:func:`recover_job`, :func:`recover_validation`) runs the job again, up to
 ``job_retries`` times (default once), then fails it with ``type: worker_died``; a job killed
 for running past its time limit fails at once with ``type: timeout``. The record update is a
 WATCH transaction that also checks the attempt count the caller saw, so the worker, the reaper
 and the API may all try: one wins, and a job is never started twice for one death.
+
+A worker told to stop whose job outlives its grace period stops the job and queues it again
+(:func:`requeue_interrupted`, ``lifecycle.requeue``): no retry is spent, nothing failed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from redis import Redis
 from redis.client import Pipeline
+from redis.exceptions import RedisError
+from rq import Worker
 from rq.exceptions import NoSuchJobError
 from rq.job import Job
 from rq.job import JobStatus as RQStatus
@@ -30,29 +45,37 @@ from rq.serializers import JSONSerializer
 
 from deepscope.contract.status import ModelStatus
 from deepscope.settings import Settings
-from deepscope.store import lifecycle
+from deepscope.store import fairness, lifecycle
 from deepscope.store.lifecycle import Death
-from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, QueueName, enqueue
+from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, QueueName, connect, enqueue
 from deepscope.store.records import JobRecord, ModelRecord, Records
 
 __all__ = [
+    "REAPER_LOCK_KEY",
     "WORKERS_KEY",
     "Death",
+    "Reaper",
     "beat",
     "forget",
     "is_crash",
     "last_beats",
+    "live_workers",
     "reap",
+    "reap_as_leader",
     "recover_job",
     "recover_rq_job",
     "recover_validation",
+    "requeue_interrupted",
     "server_time",
+    "settle_worker_jobs",
 ]
 
 log = logging.getLogger("deepscope.recovery")
 
 #: Hash ``{worker name: Redis server time of its last heartbeat}``.
 WORKERS_KEY = "ds:workers"
+#: The lock (a token with a TTL) of the one process that reaps at a time.
+REAPER_LOCK_KEY = "ds:reaper"
 #: Heartbeats older than this are dropped from the hash (workers long gone).
 _PRUNE_AFTER_S = 24 * 3600
 #: What RQ writes when a job's process died without reporting (fork worker) or when its
@@ -168,8 +191,11 @@ def recover_job(
         _replace_rq_job(redis, job_id, requeue)
         log.warning("job %s: %s; queued again (retry %d)", job_id, death.reason, rec.attempts)
     elif outcome == "failed" or (rec.status.terminal and expected_attempts is None):
-        # Failed just now, or finished before the worker died: the dead run's RQ job goes.
+        # Failed just now, or finished before the worker died: the dead run's RQ job goes,
+        # and its slot to the tenant's next job.
         _replace_rq_job(redis, job_id, None)
+        if rec.analysis != lifecycle.PREDICT_ANALYSIS:
+            fairness.release(redis, settings, rec.tenant, rec.id)
         if outcome == "failed" and rec.error is not None:
             log.warning("job %s: %s", job_id, rec.error.message)
     return rec
@@ -234,15 +260,8 @@ def recover_rq_job(redis: Redis, settings: Settings, job: Job, death: Death) -> 
     return False
 
 
-def reap(redis: Redis, settings: Settings) -> list[str]:
-    """Settle every started job whose worker stopped heart-beating. → the RQ job ids settled.
-
-    Call it only from a process whose own heartbeats have been getting through for at least
-    ``worker_dead_after_s`` (after a Redis outage every worker looks silent for a moment).
-    """
-    now = server_time(redis)
-    beats = last_beats(redis)
-    settled = []
+def _started_jobs(redis: Redis) -> Iterator[tuple[Job, str]]:
+    """Every RQ job that RQ counts as started, with the name of the worker that took it."""
     for queue in QueueName:
         registry = StartedJobRegistry(queue.value, connection=redis, serializer=JSONSerializer)
         for job_id, _ in registry.get_job_and_execution_ids(cleanup=False):
@@ -252,17 +271,198 @@ def reap(redis: Redis, settings: Settings) -> list[str]:
                 continue
             if job.get_status(refresh=False) != RQStatus.STARTED or not job.worker_name:
                 continue
-            last = beats.get(job.worker_name)
-            # A worker that never beat is not ours to judge: RQ's own cleanup handles it.
-            if last is None or now - last <= settings.worker_dead_after_s:
-                continue
-            death = Death(
-                f"worker {job.worker_name} stopped answering {now - last:.0f} s ago "
-                "(killed, or its machine went away)"
-            )
-            if recover_rq_job(redis, settings, job, death):
-                settled.append(job_id)
+            yield job, job.worker_name
+
+
+def reap(redis: Redis, settings: Settings) -> list[str]:
+    """Settle every started job whose worker stopped heart-beating. → the RQ job ids settled.
+
+    Call it only from a process whose own link to Redis has been up for at least
+    ``worker_dead_after_s`` (after a Redis outage every worker looks silent for a moment).
+    """
+    now = server_time(redis)
+    beats = last_beats(redis)
+    settled = []
+    for job, worker in _started_jobs(redis):
+        job_id = job.id
+        last = beats.get(worker)
+        # A worker that never beat is not ours to judge: RQ's own cleanup handles it.
+        if last is None or now - last <= settings.worker_dead_after_s:
+            continue
+        death = Death(
+            f"worker {job.worker_name} stopped answering {now - last:.0f} s ago "
+            "(killed, or its machine went away)"
+        )
+        if recover_rq_job(redis, settings, job, death):
+            settled.append(job_id)
     stale = [name for name, t in beats.items() if now - t > _PRUNE_AFTER_S]
     if stale:
         redis.hdel(WORKERS_KEY, *stale)
     return settled
+
+
+def settle_worker_jobs(
+    redis: Redis, settings: Settings, worker_name: str, death: Death
+) -> list[str]:
+    """Settle at once the jobs of a worker known to be dead (its parent saw it exit), without
+    waiting for its heartbeat to go stale; its heartbeats go too. The worker's later names
+    (``NAME.1``, ... when its RQ loop served again after an error) count as its own.
+    → the RQ job ids settled."""
+
+    def mine(name: str) -> bool:
+        return name == worker_name or name.startswith(worker_name + ".")
+
+    settled = [
+        job.id
+        for job, worker in _started_jobs(redis)
+        if mine(worker) and recover_rq_job(redis, settings, job, death)
+    ]
+    names = [name for name in last_beats(redis) if mine(name)]
+    if names:
+        redis.hdel(WORKERS_KEY, *names)
+    return settled
+
+
+def requeue_interrupted(redis: Redis, settings: Settings, job: Job, reason: str) -> bool:
+    """Queue again, at the front, a job that its worker stopped because the worker was told
+    to stop and the grace period ran out (:func:`lifecycle.requeue`: no retry spent). Call it
+    once the job's process is gone. → whether it was queued again (False when it finished or
+    was canceled meanwhile, or is not a job with a record)."""
+    func = job.func_name
+    args = list(job.args or [])
+    if not args or not isinstance(args[0], str):
+        return False
+    record_id = args[0]
+    if func in (RUN_JOB, PREDICT):
+        if lifecycle.requeue(Records(redis), record_id, reason) is None:
+            return False
+        timeout = settings.job_timeout
+    elif func == VALIDATE_MODEL:
+        model = Records(redis).get_model(record_id)
+        if model is None or model.status is not ModelStatus.VALIDATING:
+            return False
+        timeout = settings.validation_timeout
+    else:
+        return False
+    queue = job.origin or QueueName.CPU.value
+
+    def again(pipe: Pipeline) -> object:
+        return enqueue(
+            redis,
+            queue,
+            func,
+            [record_id],
+            job_id=job.id,
+            timeout=timeout,
+            description=f"{func.rsplit('.', 1)[-1]} {record_id} (requeued: {reason})",
+            at_front=True,
+            settings=settings,
+            pipeline=pipe,
+        )
+
+    _replace_rq_job(redis, job.id, again)
+    log.warning("job %s: %s; queued again", job.id, reason)
+    return True
+
+
+# Take the lock, or extend it when this owner holds it; 1 when held by ARGV[1] afterwards.
+_LOCK_SCRIPT = """
+local holder = redis.call('GET', KEYS[1])
+if holder == false then
+  redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+  return 1
+elseif holder == ARGV[1] then
+  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+  return 1
+end
+return 0
+"""
+_UNLOCK_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
+
+
+def reap_as_leader(redis: Redis, settings: Settings, owner: str, ttl_s: float) -> list[str] | None:
+    """:func:`reap`, by one process at a time: the holder of ``ds:reaper`` (a lock with a TTL,
+    taken or extended here), so that many API processes and workers do not all scan. → the
+    RQ job ids settled; None when another process holds the lock (it reaps)."""
+    held = redis.eval(_LOCK_SCRIPT, 1, REAPER_LOCK_KEY, owner, str(int(ttl_s * 1000)))
+    if not held:
+        return None
+    settled = reap(redis, settings)
+    # Slots of tenants' jobs that ended without releasing them (a process died between the
+    # two): given back, and what waits is queued.
+    fairness.repair(redis, settings)
+    return settled
+
+
+def live_workers(redis: Redis, settings: Settings) -> dict[str, int]:
+    """Workers per queue whose heartbeat (``ds:workers``, the Redis server's clock) is within
+    ``worker_dead_after_s``: a killed worker stops counting then, where its RQ registration
+    lives on for its TTL."""
+    now = server_time(redis)
+    beats = last_beats(redis)
+    counts = {q.value: 0 for q in QueueName}
+    for worker in Worker.all(connection=redis, serializer=JSONSerializer):
+        last = beats.get(worker.name)
+        if last is None or now - last > settings.worker_dead_after_s:
+            continue
+        for name in worker.queue_names():
+            counts[name] = counts.get(name, 0) + 1
+    return counts
+
+
+class Reaper:
+    """A thread that settles the jobs of dead workers from a process that runs none (the API),
+    so that a job is settled even when no worker is alive. It reaps only as the holder of the
+    reaper lock, and only once its own link to Redis has been up for ``worker_dead_after_s``
+    (after an outage every worker looks silent until its next beat)."""
+
+    def __init__(self, settings: Settings, name: str = "api") -> None:
+        self.settings = settings
+        self.owner = f"{name}:{socket.gethostname()}:{os.getpid()}:{secrets.token_hex(4)}"
+        self.interval = max(1.0, settings.worker_dead_after_s / 5)
+        self._redis: Redis | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="deepscope-reaper", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+        if self._redis is not None:
+            # Hand the lock on at once rather than after its TTL.
+            with contextlib.suppress(RedisError):
+                self._redis.eval(_UNLOCK_SCRIPT, 1, REAPER_LOCK_KEY, self.owner)
+            self._redis.close()
+
+    def _run(self) -> None:
+        up_since: float | None = None
+        failing = False
+        while not self._stop.wait(self.interval):
+            try:
+                if self._redis is None:
+                    self._redis = connect(self.settings.resolved_redis_url(), retry_for_s=1.0)
+                self._redis.ping()
+                if up_since is None:
+                    up_since = time.monotonic()
+                failing = False
+                if time.monotonic() - up_since < self.settings.worker_dead_after_s:
+                    continue
+                settled = reap_as_leader(
+                    self._redis, self.settings, self.owner, ttl_s=3 * self.interval
+                )
+                if settled:
+                    log.warning("settled %d job(s) of dead workers: %s", len(settled), settled)
+            except (RedisError, ValueError) as exc:
+                up_since = None
+                if not failing:
+                    log.warning("reaper: Redis unreachable (%s); retrying", exc)
+                failing = True
+            except Exception:
+                log.exception("reaper: unexpected error")

@@ -19,6 +19,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 
@@ -61,6 +62,22 @@ def _check(pattern: re.Pattern[str], value: str, what: str) -> str:
     return value
 
 
+def _mtime(info: dict[str, Any]) -> float | None:
+    """A file's modification time from an fsspec ``info`` dict (local, s3, gcs, ...)."""
+    for name in ("mtime", "LastModified", "last_modified", "updated", "created"):
+        value = info.get(name)
+        if isinstance(value, int | float):
+            return float(value)
+        if isinstance(value, datetime):
+            return value.timestamp()
+        if isinstance(value, str):
+            try:
+                return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                continue
+    return None
+
+
 class UploadSink:
     """Receives an upload chunk by chunk: writes a local temporary file, hashes, counts.
 
@@ -101,18 +118,80 @@ class UploadSink:
         self.path.unlink(missing_ok=True)
 
 
+def _options(protocol: str) -> dict[str, Any]:
+    """The filesystem's options for ``protocol``, S3's from the standard AWS environment.
+
+    Credentials (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``,
+    ``AWS_PROFILE``) are botocore's own business. The endpoint (``AWS_ENDPOINT_URL_S3``, else
+    ``AWS_ENDPOINT_URL``: MinIO, Ceph, R2, moto, ...) and the region (``AWS_DEFAULT_REGION``,
+    else ``AWS_REGION``) are passed explicitly: botocore reads the endpoint only from 1.31 on
+    and ``AWS_REGION`` not at all. Several processes write the store, so listings are never
+    cached (a cached listing would hide another process's objects).
+    """
+    if protocol in ("file", "local"):
+        return {"auto_mkdir": True}
+    options: dict[str, Any] = {"use_listings_cache": False}
+    if protocol in ("s3", "s3a"):
+        env = os.environ
+        endpoint = env.get("AWS_ENDPOINT_URL_S3") or env.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
+        region = env.get("AWS_DEFAULT_REGION") or env.get("AWS_REGION")
+        if region:
+            options["client_kwargs"] = {"region_name": region}
+    return options
+
+
+def _missing(url: str, exc: ImportError) -> ImportError:
+    return ImportError(
+        f"storage {url!r} (DEEPSCOPE_STORAGE_URL): {exc}; for s3:// install the s3 extra: "
+        "pip install 'deepscope[s3]'"
+    )
+
+
 class Storage:
-    """The storage root: ``Storage("/srv/deepscope/storage")`` or ``Storage("s3://b/prefix")``."""
+    """The storage root: ``Storage("/srv/deepscope/storage")`` or ``Storage("s3://b/prefix")``.
+
+    Any fsspec URL works whose filesystem is installed (``pip install 'deepscope[s3]'`` for
+    ``s3://``). The filesystem is made again in a forked process, which cannot use its
+    parent's client (s3fs's event loop and connections).
+    """
 
     def __init__(self, url: str) -> None:
         protocol = get_protocol(url)
+        self.url = url
         self.local = protocol in ("file", "local")
-        kwargs: dict[str, Any] = {"auto_mkdir": True} if self.local else {}
-        fs, root = fsspec.core.url_to_fs(url, **kwargs)
-        self.fs: Any = fs
+        self._options = _options(protocol)
+        self._fs, root = self._connect()
+        self._pid = os.getpid()
         self.root = root.rstrip("/")
         if self.local:
             Path(self.root).mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def preload(url: str) -> None:
+        """Import the filesystem of ``url`` (s3fs with botocore takes 0.3 s), as a forking
+        worker does once before its first job. ImportError, saying what to install, when the
+        filesystem is missing."""
+        try:
+            fsspec.get_filesystem_class(get_protocol(url))
+        except ImportError as exc:
+            raise _missing(url, exc) from exc
+
+    def _connect(self) -> tuple[Any, str]:
+        try:
+            fs, root = fsspec.core.url_to_fs(self.url, **self._options)
+        except ImportError as exc:
+            raise _missing(self.url, exc) from exc
+        return fs, str(root)
+
+    @property
+    def fs(self) -> Any:
+        """The fsspec filesystem, made in this process."""
+        if self._pid != os.getpid():
+            self._fs, _ = self._connect()
+            self._pid = os.getpid()
+        return self._fs
 
     # --- keys -----------------------------------------------------------------------------
 
@@ -206,6 +285,21 @@ class Storage:
         full = self._full(key)
         if self.fs.exists(full):
             self.fs.rm(full, recursive=self.fs.isdir(full))
+
+    def blobs(self) -> Iterator[tuple[str, str, float | None]]:
+        """Every file under ``blobs/``: (key, sha256 or "" for a leftover temporary file,
+        modification time as a Unix time or None when the filesystem does not tell)."""
+        base = self._full("blobs")
+        if not self.fs.exists(base):
+            return
+        found: dict[str, dict[str, Any]] = self.fs.find(base, detail=True)
+        for full, info in found.items():
+            key = "blobs/" + full[len(base) :].lstrip("/")
+            name = key.rsplit("/", 1)[-1]
+            sha = name if _SHA256.fullmatch(name) and key == self.blob_key(name) else ""
+            if not sha and not name.startswith(".tmp-"):
+                continue  # not ours
+            yield key, sha, _mtime(info)
 
     def local_path(self, key: str) -> Path | None:
         """The file's path when storage is local (workers then read it in place), else None."""

@@ -98,17 +98,29 @@ def run_job(job_id: str) -> dict[str, Any]:
             result = _predict_generated(loaded, model, out_dir, result, device)
             result = _upload_artifacts(backend, job, out_dir, result)
         backend.records.put_result(job_id, result.model_dump(mode="json", by_alias=True))
-        done = lifecycle.finish(backend.records, job_id, JobStatus.SUCCEEDED)
-        if done is not None and done.status is JobStatus.SUCCEEDED and done.cache_key:
+        done = lifecycle.finish(
+            backend.records, job_id, JobStatus.SUCCEEDED, run_started_at=job.started_at
+        )
+        if done is None or done.started_at != job.started_at:
+            # Given up for dead meanwhile and queued again: the new run has the last word.
+            return {"status": "superseded"}
+        if done.status is JobStatus.SUCCEEDED and done.cache_key:
             backend.records.cache_set(done.tenant, done.cache_key, job_id)
-        return {"status": "succeeded"}
+        return {"status": "succeeded" if done.status is JobStatus.SUCCEEDED else "canceled"}
     except runtime.JobCanceledError:
         return {"status": "canceled"}
     except Exception as exc:
-        lifecycle.finish(backend.records, job_id, JobStatus.FAILED, runtime.job_error(exc))
+        error = runtime.job_error(exc)
+        lifecycle.finish(
+            backend.records, job_id, JobStatus.FAILED, error, run_started_at=job.started_at
+        )
         if isinstance(exc, ValueError):
             return {"status": "failed", "error": user_message(exc)}
         raise
+    finally:
+        # Whatever the outcome, the tenant's next job may take this one's slot (releasing a
+        # slot twice is harmless: it is a set).
+        backend.job_ended(job)
 
 
 def _generated_arrays(

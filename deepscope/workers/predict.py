@@ -134,10 +134,17 @@ def predict(job_id: str) -> dict[str, Any]:
             ),
         )
         backend.records.put_result(job_id, result.model_dump(mode="json", by_alias=True))
-        lifecycle.finish(backend.records, job_id, JobStatus.SUCCEEDED)
+        done = lifecycle.finish(
+            backend.records, job_id, JobStatus.SUCCEEDED, run_started_at=job.started_at
+        )
+        if done is None or done.started_at != job.started_at:
+            return {"status": "superseded"}  # given up for dead and queued again meanwhile
         return {"status": "succeeded"}
     except Exception as exc:
-        lifecycle.finish(backend.records, job_id, JobStatus.FAILED, runtime.job_error(exc))
+        error = runtime.job_error(exc)
+        lifecycle.finish(
+            backend.records, job_id, JobStatus.FAILED, error, run_started_at=job.started_at
+        )
         if isinstance(exc, ValueError):
             return {"status": "failed", "error": user_message(exc)}
         raise

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 import tempfile
 import time
 from collections.abc import Iterator
@@ -126,20 +127,31 @@ def local_blob(storage: Storage, sha256: str, name: str) -> Iterator[Path]:
         yield target
 
 
+def _phase(message: str) -> str:
+    """What a progress message says the job is doing, without its counts: ``"optimizing"`` for
+    ``"optimizing: step 3/512, ..."``, ``"scoring training images"``."""
+    return re.sub(r"\d+", "", message.split(":", 1)[0]).strip()
+
+
 class ProgressReporter:
-    """``progress(fraction, message)`` → the RQ job's meta, at most every 0.5 s; also where a
-    canceled job notices (a worker that does not fork cannot be killed from outside)."""
+    """``progress(fraction, message)`` → the RQ job's meta, at most every 0.5 s within a phase
+    (the first report of each phase always goes through, so the message says what the job
+    does now); also where a canceled job notices (a worker that does not fork cannot be killed
+    from outside)."""
 
     def __init__(self, backend: Backend, job_id: str) -> None:
         self.backend = backend
         self.job_id = job_id
         self.last = 0.0
+        self.phase: str | None = None
 
     def __call__(self, fraction: float, message: str) -> None:
         now = time.monotonic()
-        if now - self.last < _PROGRESS_INTERVAL_S and fraction < 1.0:
+        phase = _phase(message)
+        if now - self.last < _PROGRESS_INTERVAL_S and fraction < 1.0 and phase == self.phase:
             return
         self.last = now
+        self.phase = phase
         job = get_current_job()
         if job is not None:
             job.meta["progress"] = round(float(fraction), 4)

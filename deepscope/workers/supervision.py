@@ -11,9 +11,15 @@
 * :class:`InProcessWorker` (gpu workers): runs jobs in its own process so that models stay
   loaded on the device, except jobs on code-bearing models (``.pt2``, TorchScript), which get
   a forked process with the same limits, on the CPU.
+* Stopping (SIGTERM / SIGINT, RQ's warm shutdown): the current job may finish within
+  ``worker_grace_s`` (``DEEPSCOPE_WORKER_GRACE_S``); past it the job's process is killed (an
+  in-process job: the worker exits) and the job is queued again at the front, spending no
+  retry (:func:`deepscope.store.recovery.requeue_interrupted`). A second signal (RQ's cold
+  shutdown) does the same at once. A rolling restart loses no job.
 * :class:`Supervisor`: a thread in every worker process that writes the worker's heartbeat and,
   once its own heartbeats have been getting through for ``worker_dead_after_s``, settles the
-  jobs of workers that stopped beating (:func:`deepscope.store.recovery.reap`).
+  jobs of workers that stopped beating (:func:`deepscope.store.recovery.reap_as_leader`: one
+  process at a time, the API's reaper included).
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from types import FrameType
 from typing import Any
 
 from redis.exceptions import RedisError
@@ -40,7 +47,14 @@ from deepscope.manifest import ModelFormat
 from deepscope.settings import Settings
 from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, connect
 from deepscope.store.records import Records
-from deepscope.store.recovery import Death, beat, forget, reap, recover_rq_job
+from deepscope.store.recovery import (
+    Death,
+    beat,
+    forget,
+    reap_as_leader,
+    recover_rq_job,
+    requeue_interrupted,
+)
 
 __all__ = [
     "CODE_FORMATS",
@@ -118,6 +132,10 @@ class ForkingWorker(Worker):
         self._parent_pid = os.getpid()
         self._horse_death: tuple[int | None, Any] | None = None
         self._timed_out: set[str] = set()
+        #: The job this worker runs now, and the one it stopped because its grace ran out.
+        self._current: Job | None = None
+        self._interrupted: str | None = None
+        self._grace_timer: threading.Timer | None = None
 
     # --- in the job's process -------------------------------------------------------------
 
@@ -131,7 +149,83 @@ class ForkingWorker(Worker):
     def execute_job(self, job: Job, queue: Queue) -> None:
         self._parent_pid = os.getpid()
         self._horse_death = None
-        super().execute_job(job, queue)
+        self._current = job
+        try:
+            super().execute_job(job, queue)
+        finally:
+            self._current = None
+
+    # --- stopping: warm (finish the job within the grace period, else queue it again), cold
+
+    def handle_warm_shutdown_request(self) -> None:
+        """SIGTERM / SIGINT (RQ's warm shutdown): RQ lets the current job finish and then
+        stops; past ``worker_grace_s`` the job is stopped and queued again, so a rolling
+        restart loses nothing and waits a bounded time."""
+        super().handle_warm_shutdown_request()  # type: ignore[no-untyped-call]
+        job = self._current
+        if job is None or self._grace_timer is not None:
+            return
+        grace = self.deepscope_settings.worker_grace_s
+        self.log.info(
+            "Worker %s: job %s may finish within %.0f s (DEEPSCOPE_WORKER_GRACE_S); "
+            "then it is queued again",
+            self.name,
+            job.id,
+            grace,
+        )
+        self._grace_timer = threading.Timer(grace, self._grace_over, args=(job.id,))
+        self._grace_timer.daemon = True
+        self._grace_timer.start()
+
+    def _grace_over(self, job_id: str) -> None:
+        """(Timer thread) The grace period ran out with the job still running."""
+        job = self._current
+        if job is None or job.id != job_id:
+            return
+        grace = self.deepscope_settings.worker_grace_s
+        reason = f"its worker was stopped and the job ran past the {grace:.0f} s grace period"
+        if self.horse_pid:
+            # The main thread sees its process die and queues it again (monitor_work_horse).
+            self._interrupted = job.id
+            self.log.warning("Worker %s: %s: stopping job %s", self.name, reason, job.id)
+            self.kill_horse()
+            return
+        # In this process (an in-process worker): it cannot be interrupted safely, so it is
+        # queued again from here and the process ends at once, its run with it.
+        self._requeue(job, reason)
+        self._exit_now()
+
+    def request_force_stop(self, signum: int, frame: FrameType | None) -> None:
+        """A second SIGTERM / SIGINT (RQ's cold shutdown): stop the job now, queue it again."""
+        asked = self._shutdown_requested_date
+        if asked is not None and (now() - asked).total_seconds() < 1:
+            return  # RQ ignores a repeat within a second (a pool's signal and the terminal's)
+        job = self._current
+        if job is not None:
+            reason = "its worker was stopped at once (a second stop signal)"
+            if self.horse_pid:
+                self.kill_horse()
+                self.wait_for_horse()
+                self._horse_pid = 0
+                self._requeue(job, reason)
+            else:
+                self._requeue(job, reason)
+                self._exit_now()
+        super().request_force_stop(signum, frame)
+
+    def _requeue(self, job: Job, reason: str) -> None:
+        try:
+            requeue_interrupted(self.connection, self.deepscope_settings, job, reason)
+        except Exception:  # best effort: the reaper settles it once this worker is silent
+            self.log.exception("Worker %s: could not queue job %s again", self.name, job.id)
+
+    def _exit_now(self) -> None:
+        """End this process now, deregistered (its in-process job was queued again)."""
+        with contextlib.suppress(Exception):
+            forget(self.connection, self.name)
+            self.register_death()  # type: ignore[no-untyped-call]
+        logging.shutdown()
+        os._exit(0)
 
     def maintain_heartbeats(self, job: Job, execution: Execution) -> None:
         super().maintain_heartbeats(job, execution)
@@ -158,6 +252,16 @@ class ForkingWorker(Worker):
 
     def monitor_work_horse(self, job: Job, queue: Queue, execution: Execution) -> None:
         super().monitor_work_horse(job, queue, execution)
+        if self._interrupted == job.id:
+            # Stopped at the end of the grace period: queued again, no retry spent.
+            self._interrupted = None
+            self._horse_death = None
+            self._timed_out.discard(job.id)
+            grace = self.deepscope_settings.worker_grace_s
+            self._requeue(
+                job, f"its worker was stopped and the job ran past the {grace:.0f} s grace period"
+            )
+            return
         timed_out = job.id in self._timed_out
         self._timed_out.discard(job.id)
         if self._horse_death is None and not timed_out:
@@ -191,7 +295,11 @@ class InProcessWorker(ForkingWorker):
             super().execute_job(job, queue)
             return
         # SimpleWorker's way: in this process.
-        SimpleWorker.execute_job(self, job, queue)  # type: ignore[arg-type]
+        self._current = job
+        try:
+            SimpleWorker.execute_job(self, job, queue)  # type: ignore[arg-type]
+        finally:
+            self._current = None
 
     def _isolate(self, job: Job) -> bool:
         try:
@@ -261,7 +369,9 @@ class Supervisor:
                 # After an outage every worker looks silent until its next beat: judge others
                 # only once this one has been getting through for a whole dead-after period.
                 if time.monotonic() - streak_since >= self.settings.worker_dead_after_s:
-                    settled = reap(self.redis, self.settings)
+                    settled = reap_as_leader(
+                        self.redis, self.settings, self.worker_name, ttl_s=3 * self.interval
+                    )
                     if settled:
                         log.warning("settled %d job(s) of dead workers: %s", len(settled), settled)
             except RedisError as exc:

@@ -19,11 +19,9 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-import tempfile
 import time
 from collections.abc import Sequence
 from enum import StrEnum
-from pathlib import Path
 
 from redis.exceptions import RedisError
 from rq.exceptions import StopRequested
@@ -33,6 +31,7 @@ from deepscope.settings import Settings
 from deepscope.store.queues import WORKER_TTL, QueueName, connect
 from deepscope.store.records import Records
 from deepscope.store.recovery import forget
+from deepscope.store.storage import Storage
 from deepscope.workers.supervision import ForkingWorker, InProcessWorker, Supervisor
 
 __all__ = ["WorkerKind", "parse_queues", "preload", "run_worker"]
@@ -58,7 +57,6 @@ def parse_queues(text: str) -> list[str]:
 
 def preload() -> list[str]:
     """Import everything a job needs and warm it up, single-threaded. → architecture names."""
-    import numpy as np
     import torch
 
     import deepscope.workers.analysis_job
@@ -79,10 +77,9 @@ def preload() -> list[str]:
             model(torch.zeros(2, 1, 28, 28))
         torch.linalg.svdvals(torch.randn(8, 8, dtype=torch.float64))
         load_dataset("digits", "train")
-        with tempfile.TemporaryDirectory() as tmp:
-            # Fonts and the Agg backend load on the first drawing.
-            line = render.SpectrumLine("warm", np.arange(2), np.array([1.0, 0.5]), 2, 2.0)
-            render.spectra_figure([line], Path(tmp) / "warm.png", title="warm-up")
+        # Fonts, colour tables, caption measurements and matplotlib's Agg backend load on
+        # the first drawing: paid here once, inherited by every forked job.
+        render.warm_up()
         for spec in list_analyses():
             load_compute(spec)  # every analysis's worker side, imported once before forking
     finally:
@@ -112,6 +109,9 @@ def run_worker(
     if kind is WorkerKind.AUTO:
         kind = WorkerKind.SIMPLE if QueueName.GPU.value in queues else WorkerKind.FORK
     redis = connect(settings.resolved_redis_url())
+    # Storage's filesystem (s3fs) is imported once here, not in every work horse; a missing one
+    # stops the worker at start, as it stops the API.
+    Storage.preload(settings.storage_location)
     names = preload()
     Records(redis).set_archs(names)
     if kind is WorkerKind.SIMPLE:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +24,8 @@ __all__ = [
     "fcnn_weights",
     "manifest_for",
     "peak_rss_mib",
+    "stack_roles",
+    "start_up",
     "torchscript_bytes",
     "upload_model",
     "wait_job",
@@ -123,3 +127,52 @@ def peak_rss_mib(pid: int) -> float:
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) / 1024
     raise AssertionError(f"no VmHWM for pid {pid}")
+
+
+def start_up(
+    data_dir: Path, port: int, *args: str, env: dict[str, str] | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """``deepscope up --port PORT ARGS`` on ``data_dir`` (embedded Redis, the dev key), until
+    it prints its banner. → (the process, the banner); its later output stays in the pipe."""
+    full = {**os.environ, "DEEPSCOPE_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
+    for name in ("DEEPSCOPE_REDIS_URL", "DEEPSCOPE_API_KEYS", "DEEPSCOPE_STORAGE_URL"):
+        full.pop(name, None)
+    full.update(env or {})
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "deepscope", "up", "--port", str(port), *args],
+        env=full,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    assert proc.stdout is not None
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line)
+        if line.startswith("Ctrl-C"):
+            return proc, "".join(lines)
+    proc.kill()
+    raise AssertionError("deepscope up did not start:\n" + "".join(lines))
+
+
+def stack_roles(pid: int) -> dict[str, list[int]]:
+    """The live children of ``deepscope up`` (pid) by role: ``redis``, ``worker``, ``api``."""
+    roles: dict[str, list[int]] = {"redis": [], "worker": [], "api": []}
+    for child in children(pid):
+        try:
+            args = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if not alive(child):
+            continue
+        if any(b"redis-server" in a for a in args):
+            roles["redis"].append(child)
+        elif b"worker" in args:
+            roles["worker"].append(child)
+        elif b"api" in args:
+            roles["api"].append(child)
+    return roles

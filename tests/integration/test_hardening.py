@@ -8,8 +8,10 @@ without it.
 * uploads are data: a pickle that would run code is refused by the worker and never runs, a
   TorchScript archive passed off as a state_dict is refused where code is disabled;
 * ids only: traversal in any id or artifact path is 404 and writes nothing;
-* limits: steps (422), image pixels, images per request, upload size, decompression bombs
-  (413/422, the API's memory untouched), models per tenant (409, exact under concurrency);
+* limits: steps (422), every numeric param finite and bounded (422 naming the field), image
+  pixels, images per request, upload size, decompression bombs (413/422, from the headers and
+  the compression ratio: the API's memory untouched), models and datasets per tenant (409,
+  exact under concurrency, the refused uploads' files gone);
 * RQ payloads are ids and JSON; Redis is not reachable from outside; keys are never logged
   nor stored.
 """
@@ -17,12 +19,15 @@ without it.
 from __future__ import annotations
 
 import base64
+import hashlib
 import http.client
 import io
 import json
 import os
 import pickle
 import struct
+import types
+import typing
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -458,6 +463,54 @@ def test_steps_over_the_limit_are_422(alice: httpx.Client, alice_model: dict[str
     assert "steps must be at most" in resp.json()["detail"]
 
 
+def _numeric(annotation: Any) -> tuple[type | None, bool]:
+    """(int or float, whether in a list) of a params field's type; (None, False) otherwise."""
+    if annotation in (int, float):
+        return annotation, False
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is typing.Annotated:
+        return _numeric(args[0])
+    if origin is list:
+        return _numeric(args[0])[0], True
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            kind, listed = _numeric(arg)
+            if kind is not None:
+                return kind, listed
+    return None, False
+
+
+def test_every_numeric_param_is_finite_and_bounded(alice: httpx.Client) -> None:
+    """For every registered analysis, every numeric field (and every number in a list field):
+    NaN, infinities and huge values are 422 naming the field, never a job that fails."""
+    from deepscope.analyses import list_analyses
+
+    values = {
+        float: ["NaN", "Infinity", "-Infinity", "1e308"],
+        int: ["NaN", "Infinity", "1e30", "1" + "0" * 30],
+    }
+    checked = 0
+    for spec in list_analyses():
+        for name, field in spec.params.model_fields.items():
+            kind, listed = _numeric(field.annotation)
+            if kind is None:
+                continue
+            for value in values[kind]:
+                sent = f"[{value}]" if listed else value
+                body = (
+                    f'{{"model_id": "{_ID}", "analysis": "{spec.name}", '
+                    f'"params": {{"{name}": {sent}}}, "dataset": "digits"}}'
+                )
+                resp = alice.post(
+                    "/v1/jobs", content=body, headers={"Content-Type": "application/json"}
+                )
+                assert resp.status_code == 422, (spec.name, name, value, resp.text)
+                detail = resp.json()["detail"]
+                assert f"params.{name}" in detail, (spec.name, name, value, detail)
+            checked += 1
+    assert checked >= 25
+
+
 def test_a_png_bomb_is_refused_before_decoding(
     service: Service, alice: httpx.Client, alice_model: dict[str, Any]
 ) -> None:
@@ -507,6 +560,33 @@ def test_npz_bombs_are_refused_from_their_headers(
     assert resp.status_code == 422, resp.text
     assert "200000000 bytes" in resp.json()["detail"]
     assert peak_rss_mib(service.api.pid) - before < 64
+
+
+def _vm_kib(pid: int, field: str) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no {field} for pid {pid}")
+
+
+def test_an_npz_that_decompresses_1000_to_1_is_refused_unread(
+    service: Service, alice: httpx.Client, alice_model: dict[str, Any]
+) -> None:
+    """Under the size limit, but zeros compressed ~1000:1: refused from the headers and the
+    archive's sizes, without decompressing it (the API's memory does not grow)."""
+    bomb = _zeros_npz((20, 1000, 1000))  # 20 MB of pixels in ~20 KB
+    assert len(bomb) < 100_000
+    pid = service.api.pid
+    peak, resident = _vm_kib(pid, "VmHWM"), _vm_kib(pid, "VmRSS")
+    resp = alice.post("/v1/datasets", files={"file": ("bomb.npz", bomb)})
+    assert resp.status_code in (413, 422), resp.text
+    assert "would decompress from" in resp.json()["detail"], resp.text
+    assert "to 20000000 bytes, more than 200:1" in resp.json()["detail"]
+    resp = alice.post(f"/v1/models/{alice_model['id']}/predict", files={"file": ("b.npz", bomb)})
+    assert resp.status_code in (413, 422), resp.text
+    assert "would decompress from" in resp.json()["detail"], resp.text
+    assert _vm_kib(pid, "VmHWM") - peak < 8 * 1024
+    assert _vm_kib(pid, "VmRSS") - resident < 8 * 1024
 
 
 def test_many_member_npz_is_422(alice: httpx.Client) -> None:
@@ -582,6 +662,40 @@ def test_models_per_tenant_is_exact_under_concurrent_uploads(
         assert carol.delete(f"/v1/models/{models[0]['id']}").status_code == 204
         assert upload_model(carol, data, manifest_for(name="carol-again")).status_code == 202
         assert upload_model(carol, data, manifest_for(name="carol-over")).status_code == 409
+
+
+def test_datasets_per_tenant_is_exact_under_concurrent_uploads(service: Service) -> None:
+    """Carol uploads 4 datasets more than her quota, all at once and all different: exactly
+    the quota gets in, and the refused ones leave no file in storage."""
+    limit = int(service.env.get("DEEPSCOPE_MAX_DATASETS_PER_TENANT", "100"))
+    blobs = service.data_dir / "storage" / "blobs"
+    with service.client(service.key_c) as carol:
+        have = sum(1 for d in carol.get("/v1/datasets").json()["datasets"] if not d["builtin"])
+        uploads = []
+        for i in range(limit + 4 - have):
+            images = np.random.default_rng(i).integers(0, 256, (2, 4, 4), dtype=np.uint8)
+            uploads.append(_npz(images=images, labels=np.array([0, 1])))
+
+        def one(data: bytes) -> httpx.Response:
+            with service.client(service.key_c) as http:
+                return http.post("/v1/datasets", files={"file": ("d.npz", data)})
+
+        with ThreadPoolExecutor(12) as pool:
+            answers = list(pool.map(one, uploads))
+        codes = sorted(r.status_code for r in answers)
+        assert codes.count(201) == limit - have and codes.count(409) == 4, codes
+        refused = next(r for r in answers if r.status_code == 409)
+        assert f"dataset limit reached ({limit} per tenant" in refused.json()["detail"]
+        own = [d for d in carol.get("/v1/datasets").json()["datasets"] if not d["builtin"]]
+        assert len(own) == limit
+        for data, answer in zip(uploads, answers, strict=True):
+            sha = hashlib.sha256(data).hexdigest()
+            stored = (blobs / sha[:2] / sha).exists()
+            assert stored == (answer.status_code == 201), (answer.status_code, sha)
+        # One deleted, one more fits.
+        assert carol.delete(f"/v1/datasets/{own[0]['id']}").status_code == 204
+        assert one(uploads[0]).status_code == 201
+        assert one(uploads[0]).status_code == 409
 
 
 # --- Redis --------------------------------------------------------------------------------

@@ -16,17 +16,26 @@ What each test proves, with nothing lost:
 * 500 submissions from 32 concurrent clients, all analysis kinds and bad requests mixed: no
   5xx, every accepted job final, none lost, none duplicated, each run exactly once;
 * schemathesis against the OpenAPI schema (every operation, with a key, real ids mixed in):
-  no server error, no response outside the schema.
+  no server error, no response outside the schema;
+* under ``deepscope up``, every worker SIGKILLed mid-job: the jobs are settled at once and run
+  again on the restarted workers; with no supervisor and no worker left, the API's reaper
+  settles them, and /readyz stops counting the dead workers;
+* a busy worker SIGTERMed (a rolling restart): its job finishes within the grace period, or is
+  queued again past it (no retry spent), never lost (forking and in-process workers);
+* chaos under ``deepscope up``: 8 clients for 5 minutes while a random worker, the API or
+  redis-server is SIGKILLed every 20 s: every job settled, none lost, none succeeded twice.
 
 Figures (bounds, throughput) are printed; run with ``-s`` to see them.
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import io
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -44,6 +53,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from redis import Redis
 from rq.job import Job
 from rq.serializers import JSONSerializer
 from stack_helpers import (
@@ -52,6 +62,8 @@ from stack_helpers import (
     children,
     fcnn_weights,
     manifest_for,
+    stack_roles,
+    start_up,
     torchscript_bytes,
     upload_model,
     wait_job,
@@ -59,6 +71,8 @@ from stack_helpers import (
 )
 
 from deepscope.analyses import analysis_names, parse_params
+from deepscope.service.stack import free_port
+from deepscope.store.records import Records
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
 
@@ -202,7 +216,10 @@ def test_killed_workers_lose_no_job(stack_launcher: Any, tmp_path: Path, weights
 def test_redis_restart_with_queued_jobs_loses_nothing(
     stack_launcher: Any, tmp_path: Path, weights: Path
 ) -> None:
-    with stack_launcher(tmp_path, workers=("fork", "fork"), aof=True) as svc:
+    # Every job in the RQ queue itself (no tenant's turn to wait for): that queue is what the
+    # restart must keep.
+    env = {"DEEPSCOPE_TENANT_RUNNING_JOBS": "1000"}
+    with stack_launcher(tmp_path, workers=("fork", "fork"), aof=True, env=env) as svc:
         client = svc.client()
         model = _ready_model(client, fcnn_weights(weights, "fcnn1"), "fcnn1")
         ids = [
@@ -687,3 +704,389 @@ def test_schemathesis_finds_no_server_error_and_no_schema_violation(
         assert client.get("/readyz").status_code == 200
         assert all(p.poll() is None for p in svc.workers)
         assert svc.api is not None and svc.api.poll() is None
+
+
+# --- supervision: deepscope up, the API's reaper, graceful stops, chaos -----------------------
+
+
+def _banner_key(banner: str) -> str:
+    found = re.search(r"API key:\s+(\S+)", banner)
+    assert found is not None, banner
+    return found.group(1)
+
+
+def _stop_up(proc: subprocess.Popen[str]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=90)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _ready_workers(client: httpx.Client, count: int, timeout: float = 120.0) -> float:
+    """Until /readyz counts ``count`` live cpu workers. → seconds waited."""
+    start = time.monotonic()
+    while True:
+        try:
+            ready = client.get("/readyz")
+            if ready.json()["workers"].get("cpu") == count:
+                return time.monotonic() - start
+        except (httpx.TransportError, ValueError, KeyError):
+            pass
+        assert time.monotonic() - start < timeout, f"readyz never counted {count} cpu workers"
+        time.sleep(0.1)
+
+
+def test_up_every_worker_killed_mid_job(tmp_path: Path, weights: Path) -> None:
+    port = free_port()
+    proc, banner = start_up(tmp_path, port, "--workers", "2", "--gpu-workers", "0", "--no-demo")
+    try:
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}",
+            headers={"Authorization": f"Bearer {_banner_key(banner)}"},
+            timeout=60,
+        ) as client:
+            _ready_workers(client, 2)
+            model = _ready_model(client, fcnn_weights(weights, "fcnn5"), "fcnn5")
+            jobs = [_submit(client, _long_job(model["id"], seed=s))["id"] for s in (11, 12)]
+            for job_id in jobs:
+                _wait_status(client, job_id, lambda j: j["status"] == "running", 90)
+            time.sleep(1.0)
+            workers = stack_roles(proc.pid)["worker"]
+            assert len(workers) == 2, workers
+            horses = [h for w in workers for h in children(w)]
+            assert len(horses) == 2, horses
+            for pid in workers:
+                os.kill(pid, signal.SIGKILL)
+            killed = time.monotonic()
+            settled = []
+            for job_id in jobs:
+                job, _ = _wait_status(
+                    client, job_id, lambda j: j["attempts"] >= 1 or j["status"] in FINAL, 30
+                )
+                settled.append(time.monotonic() - killed)
+                assert job["attempts"] == 1 and "worker died" in (job["message"] or ""), job
+            assert not [h for h in horses if alive(h)], "a job's process outlived its worker"
+            back = _ready_workers(client, 2)
+            _report(
+                "up, every worker killed: jobs settled after (s)", [round(t, 2) for t in settled]
+            )
+            _report("up, every worker killed: 2 workers ready again after (s)", round(back, 1))
+            assert max(settled) < 30
+            for job_id in jobs:
+                done = wait_job(client, job_id, timeout=300)
+                assert done["status"] == "succeeded" and done["attempts"] == 1, done
+            _report(
+                "up, every worker killed: retries succeeded after (s)",
+                round(time.monotonic() - killed, 1),
+            )
+            nxt = _submit(
+                client,
+                {"model_id": model["id"], "analysis": "signal_space", "params": {"vectors": 3}},
+            )
+            assert wait_job(client, nxt["id"])["status"] == "succeeded"
+            assert proc.poll() is None
+    finally:
+        _stop_up(proc)
+    assert proc.returncode == 0
+
+
+def test_api_reaper_settles_jobs_with_no_worker_alive(
+    stack_launcher: Any, tmp_path: Path, weights: Path
+) -> None:
+    """No supervisor, every worker SIGKILLed mid-job: the API's reaper settles the jobs, and
+    /readyz stops counting the dead workers, by heartbeat."""
+    with stack_launcher(tmp_path, workers=("fork", "fork")) as svc:
+        client = svc.client()
+        model = _ready_model(client, fcnn_weights(weights, "fcnn5"), "fcnn5")
+        jobs = [_submit(client, _long_job(model["id"], seed=s))["id"] for s in (21, 22)]
+        for job_id in jobs:
+            _wait_status(client, job_id, lambda j: j["status"] == "running", 90)
+        time.sleep(1.0)
+        for proc in svc.workers:
+            proc.kill()
+            proc.wait()
+        killed = time.monotonic()
+        settled = []
+        for job_id in jobs:
+            job, _ = _wait_status(client, job_id, lambda j: j["attempts"] >= 1, 30, poll=0.2)
+            settled.append(time.monotonic() - killed)
+            assert job["status"] == "queued", job  # queued again; no worker is left to take it
+        ready = client.get("/readyz")
+        assert ready.status_code == 503 and ready.json()["workers"]["cpu"] == 0, ready.text
+        _report(
+            "no worker alive: the API's reaper settled after (s)", [round(t, 1) for t in settled]
+        )
+        assert max(settled) < 30
+        svc.workers.clear()
+        svc.start_worker("fork", "test-fork-late")
+        for job_id in jobs:
+            done = wait_job(client, job_id, timeout=300)
+            assert done["status"] == "succeeded" and done["attempts"] == 1, done
+
+
+#: The test plugin (tests/plugins/deepscope_tiny): ``weight_norms`` with ``hold_s``, a job
+#: whose length does not depend on how busy the machine is.
+_PLUGIN_ENV = {
+    "DEEPSCOPE_ANALYSIS_PLUGINS": "deepscope_tiny",
+    "PYTHONPATH": os.pathsep.join(
+        [str(Path(__file__).resolve().parents[1] / "plugins"), os.environ.get("PYTHONPATH", "")]
+    ),
+}
+
+
+@pytest.mark.parametrize("kind", ["fork", "simple"])
+def test_sigterm_busy_worker_finishes_or_requeues_its_job(
+    stack_launcher: Any, tmp_path: Path, weights: Path, kind: str
+) -> None:
+    grace = 8
+    env = {**_PLUGIN_ENV, "DEEPSCOPE_WORKER_GRACE_S": str(grace)}
+    with stack_launcher(tmp_path, workers=(kind,), env=env) as svc:
+        client = svc.client()
+        model = _ready_model(client, fcnn_weights(weights, "fcnn1"), "fcnn1")
+
+        def hold(seconds: float) -> dict[str, Any]:
+            params = {"hold_s": seconds, "scale": seconds}  # distinct: no cache hit
+            return {"model_id": model["id"], "analysis": "weight_norms", "params": params}
+
+        # 1. A job that ends within the grace period: it finishes, then the worker exits.
+        job = _submit(client, hold(3))
+        _wait_status(client, job["id"], lambda j: j["status"] == "running", 60)
+        worker = svc.workers[0]
+        asked = time.monotonic()
+        worker.send_signal(signal.SIGTERM)
+        assert worker.wait(timeout=grace + 10) == 0
+        took = time.monotonic() - asked
+        _report(f"{kind} worker SIGTERMed, 3 s job: worker exited after (s)", round(took, 1))
+        done = wait_job(client, job["id"])
+        assert done["status"] == "succeeded" and done["attempts"] == 0, done
+        assert svc.redis.xlen(f"rq:results:{job['id']}") == 1  # ran once
+
+        # 2. A job longer than the grace period: stopped, queued again (no retry spent).
+        svc.workers.remove(worker)
+        second = svc.start_worker(kind, f"test-{kind}-second")
+        svc.wait_ready(cpu_workers=1)
+        job = _submit(client, hold(30))
+        _wait_status(client, job["id"], lambda j: j["status"] == "running", 60)
+        asked = time.monotonic()
+        second.send_signal(signal.SIGTERM)
+        requeued, _ = _wait_status(
+            client, job["id"], lambda j: j["status"] != "running", grace + 15
+        )
+        took = time.monotonic() - asked
+        assert second.wait(timeout=10) == 0
+        _report(f"{kind} worker SIGTERMed, 30 s job: queued again after (s)", round(took, 1))
+        assert requeued["status"] == "queued" and requeued["attempts"] == 0, requeued
+        assert "queued again" in (requeued["message"] or ""), requeued
+        assert grace - 1 < took < grace + 10
+        assert not children(second.pid)
+
+        # 3. A second signal (RQ's cold shutdown): stopped and queued again at once.
+        svc.workers.remove(second)
+        third = svc.start_worker(kind, f"test-{kind}-third")
+        _wait_status(client, job["id"], lambda j: j["status"] == "running", 120)
+        time.sleep(1.0)
+        third.send_signal(signal.SIGTERM)
+        time.sleep(1.5)  # RQ ignores a second signal within a second of the first
+        third.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
+        requeued, _ = _wait_status(client, job["id"], lambda j: j["status"] != "running", 15)
+        took = time.monotonic() - asked
+        _report(f"{kind} worker, second SIGTERM: queued again after (s)", round(took, 1))
+        third.wait(timeout=10)
+        assert requeued["status"] == "queued" and requeued["attempts"] == 0, requeued
+        assert "at once" in (requeued["message"] or ""), requeued
+
+        # The next worker runs it to the end, once.
+        svc.workers.clear()
+        svc.start_worker("fork", "test-fork-fourth")
+        done = wait_job(client, job["id"], timeout=300)
+        assert done["status"] == "succeeded" and done["attempts"] == 0, done
+        assert svc.redis.xlen(f"rq:results:{job['id']}") == 1
+
+
+def _chaos_body(models: dict[str, str], client_no: int, n: int) -> dict[str, Any]:
+    """Distinct (no cache hits: ``u`` is unique over 8 clients), mostly short jobs, every
+    third one a few seconds long."""
+    u = n * 8 + client_no
+    kind = n % 3
+    if kind == 0:
+        return {
+            "model_id": models["fcnn1"],
+            "analysis": "signal_space",
+            "params": {
+                "vectors": u % 257,
+                "images": (u // 257) % 2 == 0,
+                "view": ("kernels", "filters", "operator")[(u // 514) % 3],
+            },
+        }
+    if kind == 1:
+        return {
+            "model_id": models["fcnn1"],
+            "analysis": "residuals",
+            "params": {"inputs": "samples", "max_iter": 1 + u % 10_000},
+            "dataset": "digits",
+        }
+    return {
+        "model_id": models["fcnn5"],
+        "analysis": "inverse_images",
+        "params": {"steps": 600, "methods": ["avg+training"], "seed": u},
+        "dataset": "digits",
+    }
+
+
+def _succeeded_runs(redis: Redis, job_id: str) -> int:
+    """Runs of the job whose RQ result says it succeeded (its record written by that run)."""
+    count = 0
+    for _, fields in redis.xrange(f"rq:results:{job_id}"):
+        raw = fields.get(b"return_value")
+        if raw is None:
+            continue
+        value = json.loads(base64.b64decode(raw))
+        if isinstance(value, dict) and value.get("status") == "succeeded":
+            count += 1
+    return count
+
+
+def test_chaos_under_up(tmp_path: Path, weights: Path) -> None:
+    """8 clients for 5 minutes (DEEPSCOPE_CHAOS_S) under `deepscope up`, a random worker, the
+    API or redis-server SIGKILLed every 20 s: every job is settled, none is lost, none
+    succeeds twice, and the stack is whole at the end."""
+    duration = float(os.environ.get("DEEPSCOPE_CHAOS_S", "300"))
+    port = free_port()
+    # Every client's job straight into the queue (the per-tenant share is not under test).
+    env = {"DEEPSCOPE_TENANT_RUNNING_JOBS": "1000"}
+    args = ("--workers", "2", "--gpu-workers", "0", "--no-demo")
+    proc, banner = start_up(tmp_path, port, *args, env=env)
+    key = _banner_key(banner)
+    redis = Redis.from_url((tmp_path / "run" / "redis.url").read_text().strip())
+    url = f"http://127.0.0.1:{port}"
+    lock = threading.Lock()
+    submitted: list[str] = []
+    codes: Counter[str] = Counter()
+    stop = threading.Event()
+
+    def note(code: str) -> None:
+        with lock:
+            codes[code] += 1
+
+    def client_loop(client_no: int, models: dict[str, str]) -> None:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as http:
+            n = 0
+            while not stop.is_set():
+                body = _chaos_body(models, client_no, n)
+                n += 1
+                try:
+                    resp = http.post("/v1/jobs", json=body)
+                except httpx.TransportError:
+                    note("post: no answer")
+                    time.sleep(0.5)
+                    continue
+                note(f"post {resp.status_code}")
+                if resp.status_code != 202:
+                    time.sleep(0.5)
+                    continue
+                job_id = resp.json()["id"]
+                with lock:
+                    submitted.append(job_id)
+                while not stop.is_set():
+                    try:
+                        got = http.get(f"/v1/jobs/{job_id}")
+                    except httpx.TransportError:
+                        note("get: no answer")
+                        time.sleep(0.5)
+                        continue
+                    if got.status_code != 200:
+                        note(f"get {got.status_code}")
+                        time.sleep(0.5)
+                        continue
+                    if got.json()["status"] in FINAL:
+                        break
+                    time.sleep(0.2)
+
+    kills: Counter[str] = Counter()
+    try:
+        with httpx.Client(
+            base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=60
+        ) as client:
+            _ready_workers(client, 2)
+            models = {
+                arch: _ready_model(client, fcnn_weights(weights, arch), arch)["id"]
+                for arch in ("fcnn1", "fcnn5")
+            }
+            threads = [threading.Thread(target=client_loop, args=(i, models)) for i in range(8)]
+            for thread in threads:
+                thread.start()
+            rng = random.Random(20251130)
+            started = time.monotonic()
+            while True:
+                time.sleep(20.0)
+                if time.monotonic() - started >= duration:
+                    break
+                assert proc.poll() is None, "deepscope up exited"
+                role = rng.choice(["worker", "api", "redis"])
+                pids = stack_roles(proc.pid)[role]
+                if not pids:  # still being started again
+                    kills[f"{role} (none alive)"] += 1
+                    continue
+                os.kill(rng.choice(pids), signal.SIGKILL)
+                kills[role] += 1
+            stop.set()
+            for thread in threads:
+                thread.join(timeout=120)
+            chaos_s = time.monotonic() - started
+            # Every job reaches a final state once the faults stop.
+            assert proc.poll() is None, "deepscope up exited"
+            _ready_workers(client, 2)
+            deadline = time.monotonic() + 600
+            while True:
+                listing = client.get("/v1/jobs", params={"limit": 1000})
+                assert listing.status_code == 200, listing.text
+                jobs = {j["id"]: j for j in listing.json()["jobs"]}
+                open_jobs = [j for j in jobs.values() if j["status"] not in FINAL]
+                if not open_jobs:
+                    break
+                assert time.monotonic() < deadline, open_jobs[:3]
+                time.sleep(1.0)
+            drain_s = time.monotonic() - started - chaos_s
+            # None lost: every accepted id is listed, every listed job is final.
+            assert set(submitted) <= set(jobs), set(submitted) - set(jobs)
+            statuses = Counter(j["status"] for j in jobs.values())
+            errors = Counter(j["error"]["type"] for j in jobs.values() if j["status"] == "failed")
+            assert set(errors) <= {"worker_died"}, [
+                j["error"] for j in jobs.values() if j["status"] == "failed"
+            ][:5]
+            assert statuses["canceled"] == 0
+            # None succeeded twice: at most one run wrote a success per job, and the records
+            # entered `succeeded` exactly as often as there are succeeded jobs.
+            succeeded = [i for i, j in jobs.items() if j["status"] == "succeeded"]
+            runs = Counter(_succeeded_runs(redis, i) for i in succeeded)
+            assert max(runs) <= 1, runs
+            counts, _ = Records(redis).job_stats()
+            entered = sum(v for k, v in counts.items() if k.endswith("|succeeded"))
+            assert entered == len(succeeded), (entered, len(succeeded))
+            retried = sum(1 for j in jobs.values() if j["attempts"] > 0)
+            server_errors = {
+                c: n for c, n in codes.items() if re.search(r" 5\d\d$", c) and not c.endswith("503")
+            }
+            _report("chaos: duration (s) / drain after (s)", [round(chaos_s), round(drain_s, 1)])
+            _report("chaos: kills", dict(kills))
+            _report("chaos: jobs accepted / listed", [len(submitted), len(jobs)])
+            _report("chaos: final statuses", dict(statuses))
+            _report("chaos: failures by type", dict(errors))
+            _report("chaos: jobs retried", retried)
+            _report("chaos: succeeded jobs by runs that reported success", dict(runs))
+            _report("chaos: answers", dict(sorted(codes.items())))
+            assert not server_errors, server_errors
+            # Still whole: a new job succeeds.
+            nxt = _submit(client, _chaos_body(models, 99, 0))
+            assert wait_job(client, nxt["id"], timeout=120)["status"] == "succeeded"
+    finally:
+        stop.set()
+        redis.close()
+        _stop_up(proc)
+    assert proc.returncode == 0

@@ -18,6 +18,19 @@ from deepscope.cli import app
 from deepscope.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
+#: The standard AWS settings an ``s3://`` storage URL reads (passed on from the shell).
+AWS_ENV = {
+    "AWS_ENDPOINT_URL",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
+    "AWS_DEFAULT_REGION",
+}
+
+
+def _default(value: str) -> str:
+    """Compose's ``${NAME:-default}`` → ``default`` (what runs when the shell sets nothing)."""
+    return re.sub(r"\$\{\w+:-([^}]*)\}", r"\1", value)
 
 
 @pytest.fixture(scope="module")
@@ -75,10 +88,13 @@ def test_environment_names_real_settings(compose: dict[str, Any]) -> None:
     for name, svc in _deepscope_services(compose).items():
         env = svc["environment"]
         assert isinstance(env, dict), name
-        for var in env:
+        for var, value in env.items():
+            if var in AWS_ENV:
+                assert value is None, (name, var)  # from the shell: no secret in the file
+                continue
             assert var.startswith("DEEPSCOPE_"), (name, var)
             assert var.removeprefix("DEEPSCOPE_").lower() in fields, (name, var)
-        assert env["DEEPSCOPE_REDIS_URL"].startswith("redis://redis:"), name
+        assert _default(env["DEEPSCOPE_REDIS_URL"]).startswith("redis://redis:"), name
         assert "DEEPSCOPE_API_KEYS" in env, name
 
 
@@ -95,12 +111,29 @@ def test_redis_keeps_an_append_only_file_on_a_volume(compose: dict[str, Any]) ->
 def test_api_and_workers_share_the_artifact_volume(compose: dict[str, Any]) -> None:
     mounts = {}
     for name, svc in _deepscope_services(compose).items():
-        storage = svc["environment"]["DEEPSCOPE_STORAGE_URL"]
+        storage = _default(svc["environment"]["DEEPSCOPE_STORAGE_URL"])
         volumes = dict(reversed(v.split(":")[:2]) for v in svc["volumes"])
         assert storage in volumes, (name, storage, volumes)
         mounts[name] = volumes[storage]
     assert set(mounts.values()) == {"artifacts"}
     assert "artifacts" in compose["volumes"]
+
+
+def test_workers_scale_and_can_share_s3_storage(compose: dict[str, Any]) -> None:
+    """``docker compose up --scale worker-cpu=N``: nothing a replica would collide on (a fixed
+    container name, a host port, a hostname); every deepscope service takes the same storage
+    URL and AWS settings from the shell, so workers on other hosts can share an S3 store."""
+    services = _deepscope_services(compose)
+    for name in ("worker-cpu", "worker-gpu"):
+        svc = services[name]
+        assert not {"container_name", "ports", "hostname"} & set(svc), name
+        assert "--name" not in svc["command"], name  # RQ gives each replica a name of its own
+    envs = [svc["environment"] for svc in services.values()]
+    for env in envs:
+        assert set(env) >= AWS_ENV
+        assert env["DEEPSCOPE_STORAGE_URL"] == envs[0]["DEEPSCOPE_STORAGE_URL"]
+        assert env["DEEPSCOPE_STORAGE_URL"].startswith("${DEEPSCOPE_STORAGE_URL:-")
+        assert env["DEEPSCOPE_REDIS_URL"].startswith("${DEEPSCOPE_REDIS_URL:-")
 
 
 def test_gpu_worker_reserves_an_nvidia_device(compose: dict[str, Any]) -> None:

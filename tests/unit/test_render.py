@@ -1,8 +1,9 @@
 """deepscope.render: grids that never flatten a panel, markers that are counted, the PNG layout
-chunk, and the matplotlib figures (spectra, curves)."""
+chunk, the spectra figure (numpy + Pillow) and the matplotlib curves."""
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from deepscope import render
 from deepscope.render import (
+    AXES_KEY,
     MARKER_CLIPPED,
     MARKER_NONFINITE,
     PANELS_KEY,
@@ -25,6 +28,7 @@ from deepscope.render import (
     read_panels,
     spectra_figure,
 )
+from deepscope.render.grid import write_png
 from deepscope.render.scaling import group_limits, robust_limits
 
 
@@ -232,8 +236,42 @@ def test_png_text_chunk_round_trips(tmp_path: Path) -> None:
         assert PANELS_KEY in image.info
         assert image.size == grid.image.size
     assert read_panels(path) == grid.panels
+    with Image.open(path) as image:  # the PNG holds exactly the drawn pixels
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(grid.image))
     for k in range(6):
         assert panel_span(path, k) == pytest.approx(panel_span(grid, k))
+
+
+def test_photo_grids_round_trip_exactly(tmp_path: Path) -> None:
+    """RGB panels are saved with the "Up" filter tried too: still the same pixels."""
+    yy, xx = np.mgrid[0:24, 0:24] / 24.0
+    images = [np.stack([np.sin(xx * 3 + k), yy, xx * yy]) for k in range(4)]
+    grid = image_grid(images, kind="image", titles=["a", "b", "c", "d"])
+    path = grid.save(tmp_path / "photos.png")
+    with Image.open(path) as image:
+        assert image.mode == "RGB"
+        assert np.array_equal(np.asarray(image), np.asarray(grid.image))
+    assert read_panels(path) == grid.panels
+
+
+@pytest.mark.parametrize("mode", ["L", "RGB", "RGBA", "P"])
+def test_write_png_keeps_pixels_and_texts(tmp_path: Path, mode: str) -> None:
+    rng = np.random.default_rng(15)
+    pixels = rng.integers(0, 256, size=(37, 53, 4), dtype=np.uint8)
+    pixels[10:20] = 255  # flat rows, as in the pictures
+    image = Image.fromarray(pixels, mode="RGBA").convert(mode)
+    for photo in (False, True):
+        path = write_png(image, tmp_path / f"{mode}{photo}.png", {"k": '{"a": 1}'}, photo=photo)
+        with Image.open(path) as back:
+            back.load()
+            assert back.info["k"] == '{"a": 1}'
+            expected = image.convert("RGB") if mode == "P" else image
+            assert back.mode == expected.mode
+            assert np.array_equal(np.asarray(back), np.asarray(expected))
+
+
+def test_warm_up_draws_without_files_left() -> None:
+    render.warm_up()
 
 
 def test_read_panels_rejects_a_plain_png(tmp_path: Path) -> None:
@@ -285,6 +323,88 @@ def test_spectra_figure_writes_one_png(tmp_path: Path, count: int) -> None:
     path = spectra_figure(layers, tmp_path / f"spectra{count}.png", title="signal spaces")
     with Image.open(path) as image:
         assert image.format == "PNG" and image.width > 600
+        axes = json.loads(image.info[AXES_KEY])
+        pixels = np.asarray(image.convert("RGB"))
+    # Unbounded condition numbers: red triangles in the band above the finite range.
+    x0, y0, x1, _ = axes["condition"]["box"]
+    band = pixels[y0 : y0 + axes["condition"]["top_band"], x0:x1]
+    assert axes["condition"]["top_band"] > 0
+    assert (band == (220, 20, 60)).all(-1).sum() > 20
+
+
+def _box(pixels: np.ndarray, box: list[int]) -> np.ndarray:
+    x0, y0, x1, y1 = box
+    return pixels[y0:y1, x0:x1]
+
+
+def test_spectra_figure_draws_each_layer_in_its_depth_colour(tmp_path: Path) -> None:
+    layers = [
+        SpectrumLine.full("first", np.array([4.0, 2.0, 1.0, 0.5, 0.1])),
+        SpectrumLine.full("last", np.array([3.0, 2.5, 2.0, 1.8, 1.5])),
+    ]
+    path = spectra_figure(layers, tmp_path / "two.png", title="two layers")
+    with Image.open(path) as image:
+        assert image.format == "PNG" and image.mode == "RGB"
+        image.load()  # a valid, complete PNG
+        axes = json.loads(image.info[AXES_KEY])
+        pixels = np.asarray(image)
+    lut = colormap_lut("viridis")
+    left = _box(pixels, axes["spectra"]["box"])
+    right = _box(pixels, axes["condition"]["box"])
+    for colour in (lut[0], lut[-1]):  # first layer darkest, last one yellow
+        assert (left == colour).all(-1).sum() >= 10, colour
+        assert (right == colour).all(-1).sum() >= 10, colour
+    assert axes["condition"]["top_band"] == 0  # both bounded: no "∞" band
+    # The left plot spans 10⁻¹ (at least) to above 10⁰, on a log10 axis.
+    lo, hi = axes["spectra"]["log10_y"]
+    assert lo <= -1.0 < 0.0 < hi
+
+
+def test_spectra_figure_marks_zeros_and_empty_layers(tmp_path: Path) -> None:
+    sv = np.array([1.0, 0.1, 0.01, 0.0, 0.0])
+    layers = [SpectrumLine.full("deficient", sv), SpectrumLine.full("empty", np.zeros(3))]
+    path = spectra_figure(layers, tmp_path / "zeros.png", title="zeros")
+    with Image.open(path) as image:
+        axes = json.loads(image.info[AXES_KEY])
+    # Zeros sit on a floor a decade below the smallest positive ratio (0.01), inside the axis.
+    assert axes["spectra"]["log10_y"][0] < -3.0
+    assert axes["condition"]["top_band"] > 0  # None condition numbers: unbounded
+
+
+def _timing_layers(count: int, rng: np.random.Generator) -> list[SpectrumLine]:
+    layers = []
+    for i in range(count):
+        n = 10 if count == 1 else int(rng.integers(20, 600))
+        sv = np.sort(10.0 ** rng.uniform(-4.0, 0.0, size=n))[::-1]
+        idx = np.unique(np.linspace(0, n - 1, 100).astype(int))
+        cond = None if count > 5 and i in (5, 40) else float(sv[0] / sv[-1])
+        layers.append(SpectrumLine(f"block{i}.conv", idx, sv[idx], n, cond))
+    return layers
+
+
+def test_spectra_figure_timings(tmp_path: Path) -> None:
+    """Prints the drawing time for 1, 5 and 60 layers (no timed assert: shared CI cores)."""
+    rng = np.random.default_rng(14)
+    spectra_figure(_timing_layers(1, rng), tmp_path / "warm.png", title="warm-up")
+    for count in (1, 5, 60):
+        layers = _timing_layers(count, rng)
+        best = np.inf
+        for k in range(5):
+            start = time.perf_counter()
+            spectra_figure(layers, tmp_path / f"t{count}_{k}.png", title="signal spaces")
+            best = min(best, time.perf_counter() - start)
+        print(f"spectra_figure, {count} layers: {best * 1e3:.1f} ms")
+    panels = list(rng.normal(size=(10, 28, 28)))
+    titles = [f"σ{k}·v{k}" for k in range(10)]
+    best_grid = best_save = np.inf
+    for k in range(10):
+        start = time.perf_counter()
+        grid = image_grid(panels, ncols=8, titles=titles, title="fc: top 10", scale="panel")
+        best_grid = min(best_grid, time.perf_counter() - start)
+        start = time.perf_counter()
+        grid.save(tmp_path / f"grid{k}.png")
+        best_save = min(best_save, time.perf_counter() - start)
+    print(f"image_grid 10×28×28: {best_grid * 1e3:.1f} ms, save {best_save * 1e3:.1f} ms")
 
 
 def test_spectrum_line_validates_its_profile() -> None:

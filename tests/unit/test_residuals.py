@@ -217,7 +217,9 @@ def test_conv_1x1_stride2_one_output_channel_loses_known_fraction() -> None:
 
 
 def test_conv_reports_relative_error_honestly_when_stopped_early() -> None:
-    layer = _conv_layer(4, in_channels=3, out_channels=3, kernel_size=3, padding=1)
+    # A square 3×3 conv is injective and now projects exactly (no iterations), so stop a
+    # surjective one instead (stride 2 doubling the channels: solved by CG on AAᵀ).
+    layer = _conv_layer(4, in_channels=3, out_channels=6, kernel_size=3, padding=1, stride=2)
     x = torch.randn(2, 3, 6, 6, dtype=F64, generator=_gen(11))
     res = row_space_residual(layer, x, rtol=1e-12, max_iter=2)
     assert res.iterations == 2
@@ -226,6 +228,7 @@ def test_conv_reports_relative_error_honestly_when_stopped_early() -> None:
     ).norm(dim=1)
     torch.testing.assert_close(res.relative_error, expected, rtol=1e-8, atol=0.0)
     assert float(res.relative_error.min()) > 1e-12
+    assert bool(torch.isfinite(res.error_bound).all()) and float(res.error_bound.min()) > 1e-12
 
 
 def _ata(layer: WeightLayer, t: Tensor) -> Tensor:
@@ -402,12 +405,14 @@ def test_residual_metrics_fields() -> None:
         "input_norm",
         "residual_norm",
         "lost_fraction",
+        "projection_error_bound",
         "projection_relative_error",
     }
     assert classes[1]["lost_fraction"] == pytest.approx(float(out[0].lost_fraction[1]))
     fc_classes: Any = fc["classes"]
     assert len(fc_classes[0]["row_residual_norms"]) == 5
     assert fc_classes[0]["projection_relative_error"] == 0.0
+    assert fc_classes[0]["projection_error_bound"] == 0.0
     with pytest.raises(ValueError, match="has 1 names but layer 'conv1' has 2 samples"):
         residual_metrics(out[0], ["cat"])
 

@@ -11,7 +11,10 @@ from deepscope.analyses.optimized import OptimizedImagesMetrics
 from deepscope.analyses.params import OptimizingParams
 from deepscope.analyses.registry import AnalysisSpec, Resource, register_analysis
 
-__all__ = ["ActivationMaximizationMetrics", "ActivationMaximizationParams"]
+__all__ = ["MAX_TARGET", "ActivationMaximizationMetrics", "ActivationMaximizationParams"]
+
+#: The largest class or channel index a target may name (the worker checks the model's own).
+MAX_TARGET = 1_000_000
 
 
 class ActivationMaximizationParams(OptimizingParams):
@@ -19,7 +22,7 @@ class ActivationMaximizationParams(OptimizingParams):
 
     analysis: Literal["activation_maximization"] = "activation_maximization"
     steps: int = Field(default=512, ge=1, description="Adam steps (Lucent's default 512)")
-    targets: list[Annotated[int, Field(ge=0)]] | None = Field(
+    targets: list[Annotated[int, Field(ge=0, le=MAX_TARGET)]] | None = Field(
         default=None,
         min_length=1,
         max_length=1024,

@@ -33,7 +33,7 @@ def run(ctx: RunContext) -> ActivationMaximizationMetrics:
         tv_weight=params.tv_weight,
         batchnorm_weight=params.batchnorm_weight,
         seed=params.seed,
-        progress=optimization_progress(ctx),
+        progress=optimization_progress(ctx, params.steps),
     )
     ctx.warnings += result.warnings
     names = ctx.class_names(ctx.loaded.layers[-1].out_channels)

@@ -42,6 +42,7 @@ def run(ctx: RunContext) -> InverseImagesMetrics:
         invertible = invertible_chain(model) is not None
         methods = [m for m in VALID_METHODS if m not in EXACT_METHODS or invertible]
     images, labels = _subset(ds, params.max_samples, params.seed)
+    ctx.progress(0.0, f"scoring {len(images)} training images, then {', '.join(methods)}")
     torch.manual_seed(params.seed)
     result = inverse_images(
         model,

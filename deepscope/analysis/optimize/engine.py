@@ -22,6 +22,7 @@ What the loop guarantees (failure modes seen in peer libraries):
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager, suppress
 from dataclasses import dataclass, field
@@ -55,6 +56,8 @@ __all__ = [
 
 MAX_STEPS = 10_000
 """Default upper bound on ``steps`` (a guard against runaway jobs)."""
+#: Seconds between progress reports at most (when steps are slow).
+_REPORT_EVERY_S = 1.0
 
 Normalize = Callable[[Tensor], Tensor] | tuple[Sequence[float], Sequence[float]] | None
 """The model's input normalization: a function, ``(mean, std)`` per channel, or None."""
@@ -334,8 +337,10 @@ def optimize(
             inputs, computed in pre-hooks during the same forward pass.
         normalize: the model's input normalization, applied after the transforms.
         generator: the transforms' random source (one generator, or one per image).
-        progress: called as ``progress(fraction_done, mean_objective)`` about 100 times; an
-            exception it raises aborts the run (hooks removed, model restored).
+        progress: called as ``progress(fraction_done, mean_objective)``: ``(0, nan)`` when the
+            first step starts, then after the first step, about 100 times in all, and at least
+            every second; an exception it raises aborts the run (hooks removed, model
+            restored).
         redirect_relu_steps: use redirected ReLU gradients for this many first steps.
         max_steps: the largest ``steps`` accepted.
 
@@ -366,6 +371,7 @@ def optimize(
     history = torch.zeros(steps, batch, device=device)
     penalties = torch.zeros(steps, batch, device=device)
     every = max(1, steps // 100)
+    reported = time.monotonic()
     done = steps
     with ExitStack() as stack:
         stack.enter_context(eval_mode(model))
@@ -387,6 +393,8 @@ def optimize(
             hooks += _early_stop_hooks(model, outputs, out_names, inputs, in_names, early)
         redirect = _redirect_relus(model) if redirect_relu_steps > 0 else []
         hooks += redirect
+        if progress is not None:
+            progress(0.0, math.nan)  # everything checked: the optimization starts
         for step in range(steps):
             if step == redirect_relu_steps:
                 for h in redirect:
@@ -424,14 +432,21 @@ def optimize(
             warnings += _inplace_warnings(outputs)
             # The first pass ran in full, so a reused module has been detected by now.
             early[0] = True
-            if (step + 1) % every == 0 or step + 1 == steps:
+            checkpoint = (step + 1) % every == 0 or step + 1 == steps
+            # Also after the first step and at least every _REPORT_EVERY_S: a model whose steps
+            # take seconds shows that it is optimizing, and how far along.
+            due = progress is not None and (
+                step == 0 or time.monotonic() - reported >= _REPORT_EVERY_S
+            )
+            if checkpoint or due:
                 mean = float(score.detach().mean())
-                if not math.isfinite(mean):
+                if checkpoint and not math.isfinite(mean):
                     warnings.append(f"the objective became non-finite at step {step + 1}; stopped")
                     done = step + 1
                     break
                 if progress is not None:
                     progress((step + 1) / steps, mean)
+                    reported = time.monotonic()
 
     final_images = param().detach()
     final, predicted, messages = score_images(model, objective, final_images, normalize=norm)

@@ -43,19 +43,20 @@ def _store(state: ServiceState, tenant: str, name: str | None, path_sink: Upload
     except ValueError as exc:
         raise HTTPException(422, f"{path_sink.filename or 'file'}: {exc}") from None
     size = path_sink.size
-    sha = state.backend.storage.put_blob(path_sink)
-    rec = DatasetRecord(
-        id=new_id(),
-        tenant=tenant,
-        name=name or (path_sink.filename or "dataset").removesuffix(".npz"),
-        sha256=sha,
-        size_bytes=size,
-        num_samples=info.num_samples,
-        input_shape=list(info.input_shape),
-        num_classes=info.num_classes,
-        class_names=info.class_names,
-    )
-    state.backend.records.put_dataset(rec)
+    # Stored and recorded together: a refused registration (the quota) leaves no file.
+    with state.backend.stored_upload(path_sink) as sha:
+        rec = DatasetRecord(
+            id=new_id(),
+            tenant=tenant,
+            name=name or (path_sink.filename or "dataset").removesuffix(".npz"),
+            sha256=sha,
+            size_bytes=size,
+            num_samples=info.num_samples,
+            input_shape=list(info.input_shape),
+            num_classes=info.num_classes,
+            class_names=info.class_names,
+        )
+        state.backend.register_dataset(rec)
     return dataset_out(rec)
 
 

@@ -10,7 +10,8 @@ from redis.exceptions import RedisError
 
 from deepscope.contract import HealthOut, ReadyOut
 from deepscope.service.deps import State, Tenant, errors
-from deepscope.store.queues import QueueName, alive_workers, get_queue
+from deepscope.store.queues import QueueName, get_queue
+from deepscope.store.recovery import live_workers
 
 __all__ = ["router"]
 
@@ -31,7 +32,8 @@ def readyz(state: State) -> JSONResponse:
     redis = state.backend.redis
     try:
         redis.ping()
-        workers = alive_workers(redis)
+        # Live by heartbeat: a killed worker's RQ registration outlives it by up to a minute.
+        workers = live_workers(redis, state.settings)
         queued = {q.value: len(get_queue(redis, q.value)) for q in QueueName}
     except RedisError as exc:
         # Where Redis lives (host, port) is nobody's business outside: the type is enough.
@@ -61,7 +63,7 @@ def readyz(state: State) -> JSONResponse:
 )
 def metrics(state: State) -> Response:
     registry = state.metrics.registry
-    state.metrics.refresh(state.backend.redis)
+    state.metrics.refresh(state.backend.redis, state.settings)
     return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
 
 

@@ -68,12 +68,18 @@ def build_router() -> APIRouter:
     models = job_models()
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-    async def submit_job(body: JobIn, tenant: Tenant, state: State, response: Response) -> JobOut:
+    async def submit_job(body: JobIn, tenant: Tenant, state: State) -> Response:
         # The Redis work in one thread-pool hop; the response is serialized on the event loop
-        # (a plain-function route would cost a second hop for that).
+        # (a plain-function route would cost a second hop for that). The JobOut is ours, so
+        # it is written as JSON at once rather than validated again against the response
+        # model (which documents it): the submission path is the API's hottest.
         out = await run_in_threadpool(_submit, body, tenant, state)
-        response.headers["Location"] = f"/v1/jobs/{out.id}"
-        return out
+        return Response(
+            out.model_dump_json(by_alias=True),
+            status_code=202,
+            media_type="application/json",
+            headers={"Location": f"/v1/jobs/{out.id}"},
+        )
 
     # The body's type exists only now (the registry's union), so it is set as an object, not
     # a name this module's globals could resolve.
@@ -85,7 +91,7 @@ def build_router() -> APIRouter:
         status_code=202,
         response_model=models.job_out,
         summary="Submit an analysis; a result already computed for the same inputs returns at once",
-        responses=errors(404, 409, 422),
+        responses=errors(404, 409, 422, 429),
     )
 
     @router.get("", response_model=JobList, responses=errors(422))
@@ -128,10 +134,9 @@ def build_router() -> APIRouter:
 
 
 def _submit(body: JobIn, tenant: str, state: ServiceState) -> JobOut:
-    model = state.backend.records.get_model(body.model_id, tenant)
+    model = state.backend.model_for_job(body.model_id, tenant)
     if model is None:
         raise not_found("model", body.model_id)
-    model = state.backend.refresh_model(model)
     params = body.params
     assert isinstance(params, AnalysisParams)
     if state.settings.max_steps != DEFAULT_MAX_STEPS:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import difflib
-import json
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -24,6 +23,7 @@ from deepscope.contract import (
     Result,
 )
 from deepscope.contract.errors import describe_errors
+from deepscope.contract.text import TextError, load_json
 from deepscope.manifest import Manifest, ModelFormat
 from deepscope.service.deps import (
     ServiceState,
@@ -37,7 +37,7 @@ from deepscope.service.npz import npz_images_shape
 from deepscope.service.schemas import job_out, model_out
 from deepscope.service.uploads import FilePart, multipart_body, parse_multipart
 from deepscope.store.records import ModelRecord, new_id
-from deepscope.store.storage import Storage
+from deepscope.store.storage import Storage, UploadSink
 
 __all__ = ["check_manifest", "router", "sniff_model_file"]
 
@@ -99,11 +99,9 @@ def _parse_manifest(text: str | None) -> Manifest:
             422, "missing form field 'manifest' (JSON: name, format, arch, input_shape, ...)"
         )
     try:
-        raw = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise HTTPException(
-            422, f"manifest is not valid JSON: {exc.msg} (at character {exc.pos})"
-        ) from None
+        raw = load_json(text, "manifest")
+    except TextError as exc:
+        raise HTTPException(422, str(exc)) from None
     if not isinstance(raw, dict):
         raise HTTPException(422, f"manifest must be a JSON object, got {type(raw).__name__}")
     try:
@@ -158,16 +156,20 @@ async def upload_model(request: Request, tenant: Tenant, state: State) -> ModelO
         await run_in_threadpool(check_manifest, manifest, state)
         sink = files[0].sink
         sniff_model_file(sink.head, sink.size, manifest.format)
-        size = sink.size
-        sha = await run_in_threadpool(state.backend.storage.put_blob, sink)
-        rec = await run_in_threadpool(
-            lambda: state.backend.register_model(
-                tenant, manifest, sha, size, name=form.fields.get("name") or None
-            )
-        )
+        name = form.fields.get("name") or None
+        rec = await run_in_threadpool(_register, state, tenant, manifest, sink, name)
     finally:
         form.discard()
     return model_out(rec)
+
+
+def _register(
+    state: ServiceState, tenant: str, manifest: Manifest, sink: UploadSink, name: str | None
+) -> ModelRecord:
+    """Store the file and record the model; a failed registration leaves no file behind."""
+    size = sink.size
+    with state.backend.stored_upload(sink) as sha:
+        return state.backend.register_model(tenant, manifest, sha, size, name=name)
 
 
 @router.get("", response_model=ModelList, responses=errors())

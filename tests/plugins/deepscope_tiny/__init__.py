@@ -16,6 +16,13 @@ from deepscope.contract import Metrics, Table
 class WeightNormsParams(AnalysisParams):
     analysis: Literal["weight_norms"] = "weight_norms"
     scale: float = Field(default=1.0, gt=0, le=100, description="multiplies every norm")
+    hold_s: float = Field(
+        default=0.0,
+        ge=0,
+        le=600,
+        description="seconds the job waits before it computes (a job of a known length, for "
+        "the tests that stop workers in the middle of one)",
+    )
 
 
 class LayerNorm(BaseModel):

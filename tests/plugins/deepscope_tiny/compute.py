@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from deepscope import render
@@ -12,6 +14,10 @@ from deepscope_tiny import WeightNormsMetrics, WeightNormsParams
 def run(ctx: RunContext) -> WeightNormsMetrics:
     params = ctx.params
     assert isinstance(params, WeightNormsParams)
+    start = time.monotonic()
+    while (held := time.monotonic() - start) < params.hold_s:
+        ctx.progress(0.9 * held / params.hold_s, "holding")
+        time.sleep(0.1)
     layers = [
         {
             "name": layer.name,
