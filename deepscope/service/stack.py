@@ -238,7 +238,10 @@ class Stack:
             "--appendonly",
             "yes",
             "--appendfsync",
-            "always",  # a SIGKILLed server comes back with every acknowledged write
+            # Redis write()s the AOF before it replies, so a SIGKILLed server comes back with
+            # every acknowledged write; fsync once a second bounds what a crash of the whole
+            # machine can lose, at a twentieth of the cost per write of "always".
+            "everysec",
             "--save",
             "",
             "--requirepass",
