@@ -41,7 +41,8 @@ RUN set -eux; \
     if ! command -v python3 >/dev/null; then \
         apt-get update; \
         apt-get install -y --no-install-recommends python3 ca-certificates; \
-        rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/log/apt /var/log/dpkg.log; \
+        apt-get clean; \
+        rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log; \
     fi; \
     python3 -c 'import sys; assert sys.version_info >= (3, 11), sys.version'; \
     groupadd --system --gid 10001 deepscope; \

@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench bench-peers reliability clean
+.PHONY: install run test lint typecheck unit bench bench-peers reliability deploy-test clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -31,8 +31,16 @@ unit: $(STAMP)
 test: lint typecheck unit
 
 # Faults, load and fuzzing against the real stack (minutes): run before calling hardening done.
+# Its counterpart for the Docker deployment is `make deploy-test` below.
 reliability: $(STAMP)
 	OMP_NUM_THREADS=1 $(BIN)/pytest -m reliability -s tests/integration/test_reliability.py
+
+# The Dockerfile and docker-compose.yml for real (deploy/README.md): builds the image (cpu
+# variant) and runs the stack with two workers; jobs over HTTP, a killed worker, down/up with
+# nothing lost. Needs root or a Docker engine (installs docker.io, docker-compose, debootstrap
+# when absent). Not in CI (.ci/run): a multi-GB image build, minutes on 2 cores.
+deploy-test: $(STAMP)
+	VENV=$(VENV) bash deploy/deploy-test.sh
 
 # The peers the benchmarks compare against, installed offline-friendly: Lucent without its
 # notebook dependencies (and the old kornia it was written for), WeightWatcher.

@@ -8,7 +8,7 @@ only (it checks the service from outside, with nothing of deepscope's own code).
     api.py submit MODEL ANALYSIS [PARAMS_JSON]      POST /v1/jobs → the job id
     api.py wait JOB [--timeout S] [--until running] until terminal (exit 1 unless succeeded)
     api.py job JOB                                  GET /v1/jobs/JOB (JSON)
-    api.py download JOB NAME OUT                    GET /v1/artifacts/JOB/NAME → OUT
+    api.py download JOB NAME|PATH OUT               GET /v1/artifacts/JOB/NAME → OUT
 
 DEEPSCOPE_URL (http://127.0.0.1:8000) and DEEPSCOPE_API_KEY. Errors: one line, exit 2.
 """
@@ -80,7 +80,7 @@ def cmd_ready(args: argparse.Namespace) -> int:
     seen: dict[str, Any] = {}
 
     def probe() -> Any:
-        status, raw = call("GET", "/readyz", timeout=5)
+        _, raw = call("GET", "/readyz", timeout=5)
         seen["last"] = raw.decode(errors="replace")
         body = json.loads(raw)
         return body if body.get("workers", {}).get("cpu", 0) >= args.cpu_workers else None
@@ -164,7 +164,9 @@ def cmd_job(args: argparse.Namespace) -> int:
 
 
 def cmd_download(args: argparse.Namespace) -> int:
-    status, raw = call("GET", f"/v1/artifacts/{args.job}/{args.name}")
+    # NAME: an artifact's name, or its URL path as a job's result lists it
+    path = args.name if args.name.startswith("/") else f"/v1/artifacts/{args.job}/{args.name}"
+    status, raw = call("GET", path)
     if status != 200:
         raise ApiError(f"artifact {args.job}/{args.name} → {status}: {raw[:300]!r}")
     Path(args.out).write_bytes(raw)

@@ -6,10 +6,11 @@
 #     when none runs (under nice; stopped again at the end).
 #  2. Makes the base images that no registry can give here: Debian bookworm (debootstrap +
 #     docker import) and Redis from Debian's redis-server on it (deploy/redis.Dockerfile).
-#  3. Downloads the image's wheels with this machine's pip (its indexes, its CA) into a
-#     wheelhouse, serves it on loopback over HTTPS with a CA made for the run, and builds the
-#     deepscope image (cpu variant) with the index URLs as build args and the CA as a build
-#     secret; checks the image (non-root, labels, health check, no CA or index URL inside).
+#  3. Serves this machine's local pip mirrors (the file:// indexes and find-links of its pip
+#     configuration) on loopback over HTTPS, with a CA made for the run, and builds the
+#     deepscope image (cpu variant): the index URLs as build args, this machine's CA bundle
+#     plus the run's CA as the build secret `ca`. Checks the image: non-root, labels, health
+#     check, no CA, index URL or pip setting of the build inside.
 #  4. `up` with two CPU workers; over HTTP from here: uploads fcnn1 (trained here), runs a
 #     signal_space and an activation_maximization job, downloads an artifact.
 #  5. `docker kill`s the worker running a job: the job is retried and succeeds; the stack comes
@@ -22,17 +23,16 @@
 # whole duration. A failure names the step and shows the last lines of its log and of the
 # containers' logs.
 #
-# Environment: DEPLOY_CACHE (/var/tmp/deepscope-deploy: the wheelhouse, kept between runs),
-# DEPLOY_DOCKERFILE (Dockerfile), DEPLOY_COMPOSE_FILE (docker-compose.yml), DEPLOY_PROJECT
+# Environment: DEPLOY_DOCKERFILE (Dockerfile), DEPLOY_COMPOSE_FILE (docker-compose.yml), DEPLOY_PROJECT
 # (deepscope-deploytest), DEPLOY_IMAGE (deepscope:cpu), DEPLOY_BASE_IMAGE
 # (deepscope-base:bookworm), DEPLOY_REDIS_IMAGE (deepscope-redis:bookworm), DEPLOY_REBUILD_BASE=1
-# (make the base images again), DEPLOY_KEEP=1 (leave the stack, dockerd and the run's files).
+# (make the base images again), DEPLOY_TORCH_INDEX_URL (the pip index: PyPI's torch),
+# DEPLOY_KEEP=1 (leave the stack, dockerd and the run's files).
 set -Eeuo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 
-CACHE=${DEPLOY_CACHE:-/var/tmp/deepscope-deploy}
 DOCKERFILE=${DEPLOY_DOCKERFILE:-Dockerfile}
 COMPOSE_FILE=${DEPLOY_COMPOSE_FILE:-docker-compose.yml}
 PROJECT=${DEPLOY_PROJECT:-deepscope-deploytest}
@@ -168,8 +168,8 @@ if "$DOCKER" compose version >/dev/null 2>&1; then
 else
     COMPOSE=(docker-compose)
 fi
-note "docker client: $DOCKER ($("$DOCKER" version --format '{{.Client.Version}}' 2>/dev/null))${DOCKER_BUILDKIT:+, DOCKER_BUILDKIT=1}"
-note "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || "${COMPOSE[@]}" version | head -1))"
+note "docker client: $DOCKER ($("$DOCKER" version --format '{{.Client.Version}}' 2>/dev/null || true))${DOCKER_BUILDKIT:+, DOCKER_BUILDKIT=1}"
+note "compose: ${COMPOSE[*]} ($("${COMPOSE[@]}" version --short 2>/dev/null || true))"
 
 step "docker daemon" "$WORK/dockerd.log"
 if ! "$DOCKER" info >/dev/null 2>&1; then
@@ -209,9 +209,11 @@ if ! "$DOCKER" image inspect "$BASE_IMAGE" >/dev/null 2>&1; then
     t=$(ms)
     note "debootstrap --variant=minbase bookworm ($DEBIAN_MIRROR)"
     logged "$WORK/base.log" "${NICE[@]}" debootstrap --variant=minbase bookworm "$rootfs" "$DEBIAN_MIRROR"
+    # Every path below is inside ${rootfs:?} (never the host's own /etc or /usr).
+    [ -x "${rootfs:?}/usr/bin/apt-get" ] || fail "debootstrap made no root file system in $rootfs"
     # apt in the image: the release, its updates and the security archive; no host files.
-    rm -f "$rootfs/etc/apt/sources.list" "$rootfs/etc/resolv.conf" "$rootfs/etc/hostname"
-    cat >"$rootfs/etc/apt/sources.list.d/debian.sources" <<EOF
+    rm -f "${rootfs:?}/etc/apt/sources.list" "${rootfs:?}/etc/resolv.conf" "${rootfs:?}/etc/hostname"
+    cat >"${rootfs:?}/etc/apt/sources.list.d/debian.sources" <<EOF
 Types: deb
 URIs: $DEBIAN_MIRROR
 Suites: bookworm bookworm-updates
@@ -224,7 +226,22 @@ Suites: bookworm-security
 Components: main
 Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 EOF
-    rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* "$rootfs"/var/log/*.log
+    # Slim, as debian:bookworm-slim (python:3.11-slim's base) is: no docs, man pages or
+    # translations, and apt keeps no caches.
+    printf '%s\n' 'path-exclude /usr/share/doc/*' 'path-include /usr/share/doc/*/copyright' \
+        'path-exclude /usr/share/man/*' 'path-exclude /usr/share/info/*' \
+        'path-exclude /usr/share/locale/*' 'path-exclude /usr/share/lintian/*' \
+        >"${rootfs:?}/etc/dpkg/dpkg.cfg.d/docker-slim"
+    clean='rm -f /var/cache/apt/archives/*.deb /var/cache/apt/archives/partial/*.deb /var/cache/apt/*.bin || true'
+    printf '%s\n' "DPkg::Post-Invoke { \"$clean\"; };" "APT::Update::Post-Invoke { \"$clean\"; };" \
+        'Dir::Cache::pkgcache "";' 'Dir::Cache::srcpkgcache "";' \
+        >"${rootfs:?}/etc/apt/apt.conf.d/docker-clean"
+    find "${rootfs:?}/usr/share/doc" -mindepth 1 -not -name copyright -not -type d -delete
+    find "${rootfs:?}/usr/share/doc" -mindepth 1 -type d -empty -delete
+    rm -rf "${rootfs:?}"/usr/share/man/* "${rootfs:?}"/usr/share/info/* \
+        "${rootfs:?}"/usr/share/locale/* "${rootfs:?}"/usr/share/lintian/* \
+        "${rootfs:?}"/var/cache/apt/archives/*.deb "${rootfs:?}"/var/cache/apt/*.bin \
+        "${rootfs:?}"/var/lib/apt/lists/* "${rootfs:?}"/var/log/*.log
     tar -C "$rootfs" -c . | logged "$WORK/base.log" "$DOCKER" import \
         --change 'ENV PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin' \
         --change 'ENV LANG=C.UTF-8' \
@@ -245,20 +262,7 @@ fi
 note "$("$DOCKER" run --rm --entrypoint redis-server "$REDIS_IMAGE" --version)"
 
 # --------------------------------------------------------------------------------------------
-step "wheelhouse: the image's wheels, downloaded by this machine's pip" "$WORK/pip-download.log"
-wheelhouse="$CACHE/wheelhouse"
-mkdir -p "$wheelhouse"
-{
-    "$PY" deploy/requirements.py torch | tr ' ' '\n'
-    "$PY" deploy/requirements.py rest s3
-} >"$WORK/requirements.txt"
-t=$(ms)
-# The image has no compiler: wheels only. Python 3.11, like the image's (Debian bookworm).
-logged "$WORK/pip-download.log" "${NICE[@]}" "$PY" -m pip download --disable-pip-version-check \
-    --only-binary=:all: -d "$wheelhouse" -r "$WORK/requirements.txt"
-note "$(find "$wheelhouse" -maxdepth 1 -name '*.whl' | wc -l) wheels, $(du -sh "$wheelhouse" | cut -f1) in $wheelhouse ($(secs $(( $(ms) - t ))) s)"
-
-step "pip mirror on loopback (HTTPS, a CA made for this run)" "$WORK/mirror.log"
+step "this machine's pip mirrors, served on loopback (HTTPS, a CA made for this run)" "$WORK/mirror.log"
 tls="$WORK/tls"
 mkdir -p "$tls"
 logged "$WORK/mirror.log" openssl req -x509 -newkey rsa:2048 -nodes -days 2 \
@@ -271,42 +275,56 @@ printf '%s\n' "subjectAltName=IP:127.0.0.1" "basicConstraints=CA:FALSE" \
     "authorityKeyIdentifier=keyid,issuer" "subjectKeyIdentifier=hash" >"$tls/server.ext"
 logged "$WORK/mirror.log" openssl x509 -req -in "$tls/server.csr" -CA "$tls/ca.pem" \
     -CAkey "$tls/ca.key" -CAcreateserial -days 2 -out "$tls/server.pem" -extfile "$tls/server.ext"
-"${NICE[@]}" "$PY" deploy/pip-mirror.py "$wheelhouse" --cert "$tls/server.pem" --key "$tls/server.key" \
-    --port-file "$WORK/mirror.port" >>"$WORK/mirror.log" 2>&1 &
+mirror="$WORK/mirror"
+# A fixed port: the index URLs are build args, part of the dependency layer's cache key.
+port=${DEPLOY_MIRROR_PORT:-47193}
+if ! "$PY" -c 'import socket, sys; socket.socket().bind(("127.0.0.1", int(sys.argv[1])))' "$port" 2>/dev/null; then
+    note "port $port is taken: a free one (the build will not reuse its dependency layer)"
+    port=0
+fi
+"${NICE[@]}" "$PY" deploy/pip-mirror.py --pip "$PY" --state-dir "$mirror" --port "$port" \
+    --cert "$tls/server.pem" --key "$tls/server.key" >>"$WORK/mirror.log" 2>&1 &
 MIRROR_PID=$!
-for _ in $(seq 600); do
-    [ -s "$WORK/mirror.port" ] && break
+for _ in $(seq 120); do
+    [ -s "$mirror/port" ] && break
     kill -0 "$MIRROR_PID" 2>/dev/null || fail "the pip mirror exited"
     sleep 0.5
 done
-[ -s "$WORK/mirror.port" ] || fail "the pip mirror did not start within 300 s"
-INDEX="https://127.0.0.1:$(cat "$WORK/mirror.port")/simple/"
-"$PY" -c 'import ssl, sys, urllib.request as u
-u.urlopen(sys.argv[1] + "torch/", context=ssl.create_default_context(cafile=sys.argv[2]), timeout=10).read()' \
-    "$INDEX" "$tls/ca.pem" || fail "the pip mirror does not answer at $INDEX with the run's CA"
-note "$INDEX (pid $MIRROR_PID)"
+[ -s "$mirror/port" ] || fail "the pip mirror did not start within 60 s"
+grep '^pip-mirror: ' "$WORK/mirror.log" | sed 's/^pip-mirror: /    /'
+# The build's CA bundle (a build secret): what this machine's pip trusts, and the run's CA.
+host_ca=$(cat "$mirror/pip-cert")
+cat "${host_ca:-/etc/ssl/certs/ca-certificates.crt}" "$tls/ca.pem" >"$tls/build-ca.pem"
+BUILD_ARGS=()
+while IFS= read -r line; do
+    [ -n "$line" ] && BUILD_ARGS+=(--build-arg "$line")
+done <"$mirror/build-args"
+PIP_INDEX=$(sed -n 's/^PIP_INDEX_URL=//p' "$mirror/build-args")
+# torch's CPU index is out of reach here: PyPI's torch (the CUDA build), whose files the local
+# mirrors hold, so they come from loopback.
+TORCH_INDEX=${DEPLOY_TORCH_INDEX_URL:-${PIP_INDEX:-https://pypi.org/simple}}
+note "CA secret: ${host_ca:-/etc/ssl/certs/ca-certificates.crt} + the run's CA; TORCH_INDEX_URL=$TORCH_INDEX"
 
 # --------------------------------------------------------------------------------------------
 step "build $IMAGE (cpu variant; $DOCKERFILE; base $BASE_IMAGE)" "$WORK/build.log"
 VERSION=$("$PY" -c 'import tomllib; print(tomllib.load(open("pyproject.toml", "rb"))["project"]["version"])')
 REVISION=$(git rev-parse HEAD 2>/dev/null || echo unknown)
 t=$(ms)
-set +e
+build_status=0
 "${NICE[@]}" "$DOCKER" build --network host --progress plain -f "$DOCKERFILE" \
-    --secret id=ca,src="$tls/ca.pem" \
+    --secret id=ca,src="$tls/build-ca.pem" \
     --build-arg BASE_IMAGE="$BASE_IMAGE" --build-arg VARIANT=cpu \
-    --build-arg PIP_INDEX_URL="$INDEX" --build-arg TORCH_INDEX_URL="$INDEX" \
+    --build-arg TORCH_INDEX_URL="$TORCH_INDEX" "${BUILD_ARGS[@]}" \
     --build-arg VERSION="$VERSION" --build-arg REVISION="$REVISION" \
     --build-arg CREATED="$(date -u +%Y-%m-%dT%H:%M:%SZ)" \
     -t "$IMAGE" . 2>&1 | tee "$WORK/build.log" |
-    grep --line-buffered -E '^#[0-9]+ \[|^#[0-9]+ ERROR|WARNING: VARIANT' | sed -u 's/^/    /'
-rc=${PIPESTATUS[0]}
-set -e
-[ "$rc" -eq 0 ] || fail "docker build failed (exit $rc); the build log's end is below"
+    { grep --line-buffered -E '^#[0-9]+ \[|^#[0-9]+ ERROR|WARNING: VARIANT' || true; } |
+    cut -c1-150 | sed -u 's/^/    /' || build_status=$?
+[ "$build_status" -eq 0 ] || fail "docker build failed (exit $build_status); the build log's end is below"
 BUILD_MS=$(( $(ms) - t ))
 SIZE=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 result "build time" "$(secs "$BUILD_MS") s"
-result "image size ($IMAGE)" "$(awk -v b="$SIZE" 'BEGIN { printf "%.2f GB (%d bytes)", b / 1e9, b }')"
+result "image size ($IMAGE)" "$(awk -v b="$SIZE" 'BEGIN { printf "%.2f GB (%.0f bytes)", b / 1e9, b }')"
 note "largest layers:"
 "$DOCKER" history --format '{{.Size}}\t{{.CreatedBy}}' "$IMAGE" | grep -vE '^0B' |
     cut -c1-110 | head -n 8 | sed 's/^/      /'
@@ -433,9 +451,21 @@ result "worker process killed (SIGKILL)" "restarted by the restart policy; 2 wor
 
 # --------------------------------------------------------------------------------------------
 step "down and up again: nothing lost (Redis AOF, the artifact volume)" "$WORK/restart.log"
+t=$(ms)
+since=$(date +%s)
 logged "$WORK/restart.log" compose down --timeout 30
+down_ms=$(( $(ms) - t ))
+note "down in $(secs "$down_ms") s (containers and network gone, volumes kept)"
+if [ "$down_ms" -gt 10000 ]; then  # which container made it slow
+    "$DOCKER" events --since "$since" --until "$(( $(date +%s) + 1 ))" \
+        --filter "label=com.docker.compose.project=$PROJECT" --filter event=kill \
+        --filter event=die --format '{{.Time}} {{.Actor.Attributes.name}} {{.Action}} {{.Actor.Attributes.signal}}' |
+        sed 's/^/      /'
+fi
+t=$(ms)
 logged "$WORK/restart.log" compose up -d --no-build --scale worker-cpu=2
 api ready --cpu-workers 2 --timeout 240 >/dev/null
+note "up again, 2 cpu workers live in $(secs $(( $(ms) - t ))) s"
 api wait-model "$MODEL" --timeout 30 >/dev/null
 for job in "$JOB_SS" "$JOB_AM" "$JOB_KILL"; do
     api wait "$job" --timeout 30 >/dev/null || fail "job $job is not succeeded after down/up"

@@ -23,6 +23,7 @@ in this machine's configuration. Standard library only; one log line per request
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import posixpath
 import shlex
@@ -32,6 +33,7 @@ import sys
 import urllib.parse
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 
 KEYS = ("index-url", "extra-index-url", "find-links", "cert")
 #: Precedence of pip's configuration sources, lowest first (the environment wins).
@@ -50,9 +52,7 @@ def pip_settings(python: str) -> dict[str, str]:
             continue
         source, _, name = key.rpartition(".")
         if name in KEYS:
-            found.setdefault(name, {})[source] = (
-                shlex.split(raw)[0] if raw.strip() else ""
-            )
+            found.setdefault(name, {})[source] = shlex.split(raw)[0] if raw.strip() else ""
     settings = {}
     for name in KEYS:
         env = os.environ.get("PIP_" + name.upper().replace("-", "_"))
@@ -121,7 +121,7 @@ def plan(settings: dict[str, str], base_url: str, mounts: Mounts) -> dict[str, s
 
 
 class Handler(SimpleHTTPRequestHandler):
-    mounts: dict[str, Path] = {}
+    mounts: ClassVar[dict[str, Path]] = {}
 
     def translate_path(self, path: str) -> str:
         clean = posixpath.normpath(urllib.parse.unquote(urllib.parse.urlsplit(path).path))
@@ -164,10 +164,8 @@ def main() -> int:
         print(f"pip-mirror: {key}={value}", file=sys.stderr)
     (state / "port.tmp").write_text(f"{port}\n")
     (state / "port.tmp").replace(state / "port")
-    try:
+    with contextlib.suppress(KeyboardInterrupt):
         server.serve_forever()
-    except KeyboardInterrupt:
-        pass
     return 0
 
 

@@ -14,7 +14,8 @@ FROM ${BASE_IMAGE}
 RUN set -eux; \
     apt-get update; \
     apt-get install -y --no-install-recommends redis-server; \
-    rm -rf /var/lib/apt/lists/* /var/cache/apt/archives/*.deb /var/log/apt /var/log/dpkg.log; \
+    apt-get clean; \
+    rm -rf /var/lib/apt/lists/* /var/log/apt /var/log/dpkg.log; \
     mkdir -p /data; \
     chown redis:redis /data; \
     redis-server --version

@@ -61,6 +61,7 @@ __all__ = [
     "gram_inverse",
     "largest_singular_values",
     "operator_spectrum_metrics",
+    "rounding_allowance",
     "smallest_singular_values",
 ]
 
@@ -261,24 +262,31 @@ class Extremes:
     steps: int
 
 
-def _rounding(op: ConvOperator) -> float:
-    """A rounding allowance for a float64 ``AᵀA v`` or ``AAᵀ v`` with ``‖v‖ = 1``.
+def rounding_allowance(op: ConvOperator, sigma_max: float) -> float:
+    """The rounding to allow in one float64 ``AᵀA v`` or ``AAᵀ v`` with ``‖v‖ = 1``.
 
-    Each entry of ``A v`` sums ``fan_in`` products and each of ``Aᵀ u`` ``fan_out``; with
-    rounding errors adding like a random walk that is ``≈ (√fan_in + √fan_out)·eps·‖|A|‖²``,
-    ``‖|A|‖`` bounded by :meth:`ConvOperator.norm_upper_bound`.
+    Each entry of ``A v`` sums ``fan_in`` products and each of ``Aᵀ u`` ``fan_out``; rounding
+    errors of random sign add like a random walk, ``≈ (√fan_in + √fan_out)·eps·σ_max²``. (The
+    worst case replaces ``σ_max`` by ``‖|A|‖``, the norm of the entrywise absolute value, which
+    for random-sign weights is ~25× larger and would swamp the ``σ_min² ≈ 10⁻¹²`` of a square
+    512-channel conv.)
     """
     layer = op.layer
     taps = layer.kernel_size[0] * layer.kernel_size[1]
     fan_in = layer.in_channels // layer.groups * taps
-    fan_out = max(
-        1, layer.out_channels // layer.groups * taps // (layer.stride[0] * layer.stride[1])
-    )
-    return (math.sqrt(fan_in) + math.sqrt(fan_out)) * _EPS64 * op.norm_upper_bound() ** 2
+    strides = layer.stride[0] * layer.stride[1]
+    fan_out = max(1, layer.out_channels // layer.groups * taps // strides)
+    return (math.sqrt(fan_in) + math.sqrt(fan_out)) * _EPS64 * sigma_max**2
 
 
-def _evaluate(structure: OperatorStructure, vectors: Tensor) -> tuple[Tensor, Tensor]:
-    """``σ = ‖A v‖`` per unit vector and the bound from ``ρ = ‖G v − σ² v‖`` (Bauer–Fike)."""
+def _evaluate(
+    structure: OperatorStructure, vectors: Tensor, sigma_max: float | None = None
+) -> tuple[Tensor, Tensor]:
+    """``σ = ‖A v‖`` per unit vector and the bound from ``ρ = ‖G v − σ² v‖`` (Bauer–Fike).
+
+    ``sigma_max`` scales the rounding allowance added to ``ρ`` (the largest of these ``σ`` when
+    None: the vectors are the top ones).
+    """
     v = vectors / sq_norms(vectors).sqrt().clamp_min(1e-300).view(-1, 1, 1, 1)
     if structure.mask is not None:
         v = v * structure.mask
@@ -286,7 +294,8 @@ def _evaluate(structure: OperatorStructure, vectors: Tensor) -> tuple[Tensor, Te
     lam = sigma.pow(2)
     rho = sq_norms(structure.gram(v) - lam.view(-1, 1, 1, 1) * v).sqrt()
     # ρ is itself computed in float64: add what its rounding may hide.
-    rho = rho + _rounding(structure.op)
+    scale = float(sigma.max()) if sigma_max is None else sigma_max
+    rho = rho + rounding_allowance(structure.op, scale)
     low = (lam - rho).clamp_min(0).sqrt()
     high = (lam + rho).sqrt()
     return sigma, torch.maximum(sigma - low, high - sigma)
@@ -334,6 +343,7 @@ def smallest_singular_values(
     tol: float = 1e-10,
     lanczos_entries: int = DEFAULT_LANCZOS_ENTRIES,
     refine: int = 2,
+    sigma_max: float | None = None,
     seed: int = 1,
 ) -> Extremes:
     """The ``k`` smallest singular values of the side (ascending), structural zeros excluded.
@@ -344,7 +354,9 @@ def smallest_singular_values(
     large eigenvalues (``λ_max/λ_min ≈ 10¹⁰`` for a square conv) is magnified by ``λ_max``;
     each inverse iteration divides that leftover by ``λ_i/λ_min``, leaving rounding only.
     Without: block Lanczos on ``G`` for its smallest, which converges only for well-conditioned
-    ``G`` (``converged`` says whether it did).
+    ``G`` (``converged`` says whether it did). ``sigma_max`` (an estimate of the largest
+    singular value) scales the rounding allowance of the bounds; without it the operator's
+    :meth:`~ConvOperator.norm_upper_bound` is used, which can be far larger.
     """
     op = structure.op
     k = min(k, structure.dim)
@@ -370,7 +382,8 @@ def smallest_singular_values(
             solved = inverse.apply(vectors)
             solved = solved + inverse.apply(vectors - structure.gram(solved))
             vectors = _rayleigh_ritz(structure, solved)
-    sigma, err = _evaluate(structure, vectors)
+    scale = structure.op.norm_upper_bound() if sigma_max is None else sigma_max
+    sigma, err = _evaluate(structure, vectors, scale)
     order = sigma.argsort()
     return Extremes(sigma[order], err[order], vectors[order], pairs.converged, pairs.steps)
 
@@ -530,14 +543,20 @@ def conv_operator_spectrum(
     # Rectangular operators are well conditioned in practice: Lanczos on G first, the dense
     # inverse only if that did not converge.
     inverse = inverses(rectangular=False)
+    sigma_max = float(top.values[0])
     bottom = smallest_singular_values(
-        structure, k, inverse, tol=tol, lanczos_entries=lanczos_entries
+        structure, k, inverse, tol=tol, lanczos_entries=lanczos_entries, sigma_max=sigma_max
     )
     if not bottom.converged and inverse is None:
         inverse = inverses()
         if inverse is not None:
             bottom = smallest_singular_values(
-                structure, k, inverse, tol=tol, lanczos_entries=lanczos_entries
+                structure,
+                k,
+                inverse,
+                tol=tol,
+                lanczos_entries=lanczos_entries,
+                sigma_max=sigma_max,
             )
     kk = min(k, count)
     zeros = torch.zeros(min(structural, kk), dtype=_F64)

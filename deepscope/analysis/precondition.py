@@ -67,6 +67,19 @@ class GramInverse(Protocol):
         ...
 
 
+def _batched_inverse(blocks: Tensor) -> Tensor:
+    """``inv`` of each matrix of ``(F, n, n)``.
+
+    On the CPU, blocks of 128 and more are inverted one at a time: with several threads, the
+    batched LU of the MKL build torch ships fails on them ("Parameter 6 was incorrect on entry
+    to ZLASWP", seen with 12 blocks of 256×256 on 2 threads) while one matrix at a time works.
+    """
+    if blocks.device.type != "cpu" or blocks.shape[-1] < 128:
+        batched: Tensor = torch.linalg.inv(blocks)
+        return batched
+    return torch.stack([torch.linalg.inv(block) for block in blocks])
+
+
 def _fold_kernel(weight: Tensor, dilation: tuple[int, int], hw: tuple[int, int]) -> Tensor:
     """The dilated kernel ``(C_out, C_in, ·, ·)`` wrapped onto an ``H × W`` torus (taps that land
     on the same pixel modulo ``(H, W)`` add up)."""
@@ -141,7 +154,7 @@ class CirculantConv:
     def inverse_blocks(self) -> Tensor:
         """``M(f)⁻¹`` for every frequency ``(F, C_in, C_out)`` (square blocks only)."""
         if self._inverse is None:
-            self._inverse = torch.linalg.inv(self.blocks)
+            self._inverse = _batched_inverse(self.blocks)
         return self._inverse
 
     def solve(self, y: Tensor) -> Tensor:

@@ -42,6 +42,8 @@ from deepscope.analysis.layers import LayerKind, WeightLayer, finite_or_raise
 from deepscope.analysis.operator_spectrum import (
     OperatorStructure,
     gram_inverse,
+    largest_singular_values,
+    rounding_allowance,
     smallest_singular_values,
 )
 from deepscope.analysis.precondition import GramInverse
@@ -57,8 +59,9 @@ __all__ = [
 
 _F64 = torch.float64
 _EPS64 = float(torch.finfo(_F64).eps)
-#: The Lanczos basis for σ_min (float64 entries): 64 MiB, ~100 steps on 64×56×56 inputs.
-_LANCZOS_ENTRIES = 1 << 23
+#: The Lanczos basis for σ_max and σ_min, in float64 entries: 128 MiB, ~170 vectors on the
+#: 128×28×28 output side of resnet18's layer2.0.conv1 at 224 (far more than it needs).
+_LANCZOS_ENTRIES = 1 << 24
 
 
 @dataclass
@@ -248,23 +251,34 @@ def _conv_row_space(layer: WeightLayer, x: Tensor, rtol: float, max_iter: int) -
         bound = torch.zeros_like(x_norm)
         method = "zero map"
     else:
-        # σ_min only decides the route and scales the bound: a few digits are enough. Square
-        # operators need an exact inverse for it; rectangular ones try Lanczos on G first.
+        # σ_max scales the rank tolerance and the rounding allowances, σ_min decides the route
+        # and scales the bound: a Ritz residual of 1% of the value is plenty (the Ritz values
+        # themselves are accurate to its square, and the bound uses σ_min − its error).
+        sigma_max = 1.01 * float(
+            largest_singular_values(
+                structure, 1, tol=1e-2, lanczos_entries=_LANCZOS_ENTRIES
+            ).values[0]
+        )
+        # Square operators need an exact inverse for σ_min; rectangular ones try Lanczos on G
+        # first and build the dense inverse only if that does not converge.
         inverse = gram_inverse(structure, rectangular=False)
         bottom = smallest_singular_values(
             structure,
             1,
             inverse,
-            tol=1e-6 if inverse is not None else 1e-4,
+            tol=1e-4 if inverse is not None else 1e-2,
             lanczos_entries=_LANCZOS_ENTRIES,
+            sigma_max=sigma_max,
         )
         if not bottom.converged and inverse is None:
             inverse = gram_inverse(structure)
             if inverse is not None:
-                bottom = smallest_singular_values(structure, 1, inverse, tol=1e-6)
+                bottom = smallest_singular_values(
+                    structure, 1, inverse, tol=1e-4, sigma_max=sigma_max
+                )
         sigma_min = float(bottom.values[0])
         sigma_low = sigma_min - float(bottom.errors[0])
-        tolerance = op.norm_upper_bound() * max(op.m, op.n) * _EPS64
+        tolerance = sigma_max * max(op.m, op.n) * _EPS64
         if bottom.converged and sigma_low > tolerance:
             if structure.side == "input":
                 # Injective on the read pixels: they are kept whole, the unread ones lost.
@@ -273,7 +287,7 @@ def _conv_row_space(layer: WeightLayer, x: Tensor, rtol: float, max_iter: int) -
                 method = "injective"
             else:
                 p, bound, iterations, method = _surjective(
-                    op, structure, inverse, x64, x_norm, sigma_low, rtol, max_iter
+                    op, structure, inverse, x64, x_norm, sigma_low, sigma_max, rtol, max_iter
                 )
         else:
             p, iterations = _cgls(op, x64, rtol, max_iter)
@@ -304,6 +318,7 @@ def _surjective(
     x64: Tensor,
     x_norm: Tensor,
     sigma_low: float,
+    sigma_max: float,
     rtol: float,
     max_iter: int,
 ) -> tuple[Tensor, Tensor, int, str]:
@@ -318,14 +333,12 @@ def _surjective(
     """
     b = op.forward(x64)
     per = (-1,) + (1,) * (b.dim() - 1)
-    # Rounding of one float64 evaluation of A x − AAᵀ y: ~eps·σ² per entry, summed over fan-in.
-    layer = op.layer
-    fan = layer.in_channels // layer.groups * layer.kernel_size[0] * layer.kernel_size[1]
-    scale = op.norm_upper_bound()
+    # The rounding of one float64 evaluation of A x − AAᵀ y, as for the σ bounds.
+    per_unit = rounding_allowance(op, sigma_max) / sigma_max**2
 
     def residual(y: Tensor) -> tuple[Tensor, Tensor]:
         r = b - op.gram_output(y)
-        rounding = 4 * math.sqrt(fan) * _EPS64 * scale * (x_norm + scale * sq_norms(y).sqrt())
+        rounding = per_unit * sigma_max * (x_norm + sigma_max * sq_norms(y).sqrt())
         return r, (sq_norms(r).sqrt() + rounding) / sigma_low
 
     target = rtol * x_norm

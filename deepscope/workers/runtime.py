@@ -32,6 +32,7 @@ __all__ = [
     "job_error",
     "local_blob",
     "settings",
+    "storage",
 ]
 
 _PROGRESS_INTERVAL_S = 0.5
@@ -74,11 +75,11 @@ def backend() -> Backend:
     current = settings()
     job = get_current_job()
     redis = job.connection if job is not None else connect(current.resolved_redis_url())
-    return Backend(current, redis=redis, storage=_storage(current.storage_location))
+    return Backend(current, redis=redis, storage=storage(current.storage_location))
 
 
 @functools.lru_cache(maxsize=4)
-def _storage(location: str) -> Storage:
+def storage(location: str) -> Storage:
     return Storage(location)
 
 
@@ -137,7 +138,8 @@ class ProgressReporter:
     """``progress(fraction, message)`` → the RQ job's meta, at most every 0.5 s within a phase
     (the first report of each phase always goes through, so the message says what the job
     does now); also where a canceled job notices (a worker that does not fork cannot be killed
-    from outside)."""
+    from outside). The final ``1.0`` is not sent: the job's status says it, and each report
+    costs two Redis round trips, a fair share of a short job."""
 
     def __init__(self, backend: Backend, job_id: str) -> None:
         self.backend = backend
@@ -146,9 +148,11 @@ class ProgressReporter:
         self.phase: str | None = None
 
     def __call__(self, fraction: float, message: str) -> None:
+        if fraction >= 1.0:
+            return
         now = time.monotonic()
         phase = _phase(message)
-        if now - self.last < _PROGRESS_INTERVAL_S and fraction < 1.0 and phase == self.phase:
+        if now - self.last < _PROGRESS_INTERVAL_S and phase == self.phase:
             return
         self.last = now
         self.phase = phase

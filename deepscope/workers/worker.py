@@ -114,6 +114,10 @@ def run_worker(
     Storage.preload(settings.storage_location)
     names = preload()
     Records(redis).set_archs(names)
+    # The jobs' settings and storage, built once here and inherited by every work horse
+    # (reading the environment into Settings costs each forked job several milliseconds).
+    runtime.settings()
+    runtime.storage(settings.storage_location)
     if kind is WorkerKind.SIMPLE:
         runtime.configure(device="auto", model_cache=settings.gpu_model_cache)
         worker_class: type[ForkingWorker] = InProcessWorker

@@ -323,7 +323,9 @@ def test_extremes_match_dense(kwargs: dict[str, Any]) -> None:
     assert spec.matrix_shape == tuple(_probed(conv, hw).shape)
     top = expected[:k]
     torch.testing.assert_close(spec.largest, top, rtol=1e-6, atol=0)
-    assert bool(((spec.largest - top).abs() <= spec.largest_error).all())
+    # The bounds hold up to the reference's own rounding (~n·eps·σ_max for LAPACK's SVD).
+    slack = 1152 * 2.3e-16 * float(top[0])
+    assert bool(((spec.largest - top).abs() <= spec.largest_error + slack).all())
     bottom = expected.flip(0)[:k]
     if spec.structural_zeros:
         # 1×1 stride 2 reads 1 pixel in 4: of the min(16·36, 8·144) values, all but the
@@ -333,7 +335,7 @@ def test_extremes_match_dense(kwargs: dict[str, Any]) -> None:
         assert float(bottom.max()) < 1e-12 * float(top[0])
     else:
         torch.testing.assert_close(spec.smallest, bottom, rtol=1e-6, atol=0)
-        assert bool(((spec.smallest - bottom).abs() <= spec.smallest_error).all())
+        assert bool(((spec.smallest - bottom).abs() <= spec.smallest_error + slack).all())
     if layer.stride == (1, 1) and spec.matrix_shape[0] == spec.matrix_shape[1]:
         assert "boundary-corrected" in spec.detail
     assert spec.condition_number == pytest.approx(

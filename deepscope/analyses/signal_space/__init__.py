@@ -27,8 +27,14 @@ class SignalSpaceParams(LayerParams):
     view: Literal["kernels", "filters", "operator"] = Field(
         default="kernels",
         description="Conv2d matrix: kernels (each 2-D kernel a row, the paper's), filters "
-        "(each output filter a row) or operator (exact singular values of the convolution on "
-        "the layer's input size, circular boundary)",
+        "(each output filter a row) or operator (the singular values of the convolution on the "
+        "layer's input size, with the boundary of `padding`)",
+    )
+    padding: Literal["layer", "circular", "zero", "reflect", "replicate"] = Field(
+        default="layer",
+        description="operator view's boundary: layer (each layer's own: zero for most), "
+        "circular (exact by FFT at any size), zero (the layer's real map when it pads with "
+        "zeros), reflect or replicate; result.json warns where it is not the layer's own",
     )
     vectors: int = Field(
         default=16, ge=0, le=256, description="top singular directions rendered per layer"
@@ -74,6 +80,12 @@ class LayerSpectrum(BaseModel):
     stable_rank: float = Field(description="‖W‖²_F / ‖W‖²₂")
     spectral_norm: float = Field(description="σ₁")
     spectrum: SpectrumSummary
+    padding: str | None = Field(
+        default=None, description="operator view: the boundary of the operator analyzed"
+    )
+    padding_note: str | None = Field(
+        default=None, description="operator view: why this is not the layer's own map, if so"
+    )
 
 
 class SignalSpaceMetrics(Metrics):

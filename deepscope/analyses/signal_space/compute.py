@@ -45,7 +45,25 @@ def run(ctx: RunContext) -> SignalSpaceMetrics:
             if layer.kind is LayerKind.CONV2D
         }
     ctx.progress(0.05, f"SVD of {len(layers)} layers")
-    spectra = signal_space(layers, view, input_hw)
+    try:
+        spectra = signal_space(
+            layers,
+            view,
+            input_hw,
+            operator_padding=None if params.padding == "layer" else params.padding,
+        )
+    except ValueError as exc:
+        if "too large to decompose" not in str(exc):
+            raise
+        # Every singular value of a non-circular operator needs its dense matrix; past a size
+        # only the circular boundary (exact by FFT at any size) answers.
+        layer = str(exc).split("'")[1] if "'" in str(exc) else "a layer"
+        raise ValueError(
+            f"layer {layer}: its operator with the layer's own (zero) padding is too large to "
+            'decompose every singular value; use params {"padding": "circular"} (exact at any '
+            "size), a smaller input, or `layers` to leave it out"
+        ) from None
+    ctx.warnings += [f"{s.name}: {s.note}" for s in spectra if s.note]
     values = {s.name: to_numpy(s.stats.singular_values) for s in spectra}
     entries = []
     for s in spectra:
@@ -175,7 +193,7 @@ def _draw(
                 + ("" if linear else " (rows: output channel, columns: input channel)"),
             )
             ctx.add_grid(f"weights_{stem}", grid, f"weights_{stem}.png", f"weights of {layer.name}")
-        ctx.progress(0.5 + 0.45 * (i + 1) / len(layers), f"drew {layer.name}")
+        ctx.progress(0.5 + 0.45 * (i + 1) / len(layers), f"drawing: {layer.name}")
 
 
 _SUBSCRIPTS = str.maketrans("0123456789", "₀₁₂₃₄₅₆₇₈₉")
