@@ -46,7 +46,7 @@ deploy-test: $(STAMP)
 # notebook dependencies (and the old kornia it was written for), WeightWatcher.
 bench-peers: $(STAMP)
 	$(BIN)/pip install -q --no-deps torch-lucent
-	$(BIN)/pip install -q "kornia<=0.4.1" weightwatcher
+	$(BIN)/pip install -q "kornia<=0.4.1" decorator ipython weightwatcher
 
 bench: bench-peers
 	for b in bench/bench_*.py; do $(BIN)/python $$b || exit 1; done

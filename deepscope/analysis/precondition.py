@@ -243,6 +243,8 @@ class BoundaryCorrectedInverse:
                 f"unknowns, over the limit of {max_boundary}"
             )
         self.boundary = r
+        if r == 0:
+            self.method = "circulant inverse (FFT)"
         self._circular = ConvOperator(
             layer, (h, w), padding=OperatorPadding.CIRCULAR, device=op.device
         )
