@@ -15,8 +15,8 @@
 #       --secret id=ca,src=/etc/ssl/certs/ca-certificates.crt .
 #
 #   docker run --rm deepscope:cpu --help
-#   docker run -e DEEPSCOPE_REDIS_URL=redis://... -e DEEPSCOPE_API_KEYS=team=KEY -p 8000:8000 \
-#       deepscope:cpu api --host 0.0.0.0
+#   docker run --init -e DEEPSCOPE_REDIS_URL=redis://... -e DEEPSCOPE_API_KEYS=team=KEY \
+#       -p 8000:8000 deepscope:cpu api --host 0.0.0.0
 #
 # docker-compose.yml runs the whole stack (Redis, API, CPU and GPU workers);
 # `make deploy-test` builds this image and runs that stack end to end (deploy/deploy-test.sh).
@@ -75,7 +75,7 @@ RUN set -eux; \
         python3 -m venv "$VIRTUAL_ENV"; \
     fi
 
-# Dependencies first (this layer is reused until pyproject.toml changes): torch and
+# Dependencies first (reused until pyproject.toml or an index build arg changes): torch and
 # torchvision at the versions pyproject.toml pins, from the variant's index; then s3fs
 # (DEEPSCOPE_STORAGE_URL=s3://...) and the rest. The secret `ca` (a PEM bundle), when given,
 # is pip's CA bundle for this step only.

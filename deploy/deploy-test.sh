@@ -14,7 +14,7 @@
 #  4. `up` with two CPU workers; over HTTP from here: uploads fcnn1 (trained here), runs a
 #     signal_space and an activation_maximization job, downloads an artifact.
 #  5. `docker kill`s the worker running a job: the job is retried and succeeds; the stack comes
-#     back (`up` again; a worker whose process dies is restarted by the restart policy).
+#     back (`up` again; a worker whose process is killed is restarted by the restart policy).
 #  6. `down` and `up`: the jobs, the model and the artifacts are still there (Redis AOF, the
 #     artifact volume); a resubmission is answered from the cache.
 #  7. Always: removes its containers, networks and volumes (trap).
@@ -27,6 +27,7 @@
 # (deepscope-deploytest), DEPLOY_IMAGE (deepscope:cpu), DEPLOY_BASE_IMAGE
 # (deepscope-base:bookworm), DEPLOY_REDIS_IMAGE (deepscope-redis:bookworm), DEPLOY_REBUILD_BASE=1
 # (make the base images again), DEPLOY_TORCH_INDEX_URL (the pip index: PyPI's torch),
+# DEPLOY_MIRROR_PORT (47193: a fixed port keeps the build's dependency layer cached),
 # DEPLOY_KEEP=1 (leave the stack, dockerd and the run's files).
 set -Eeuo pipefail
 
@@ -78,6 +79,14 @@ logged() {
 
 compose() { "${COMPOSE[@]}" -p "$PROJECT" -f "$COMPOSE_FILE" "$@"; }
 api() { "$PY" deploy/api.py "$@"; }
+# Host pids of a container's `deepscope worker` processes, the worker first, then the child
+# that runs its job (a fork worker), if any.
+worker_pids() {
+    "$DOCKER" top "$1" -eo pid,ppid,args | awk '
+        NR > 1 && /\/deepscope worker / { pid[$1] = $2; order[n++] = $1 }
+        END { for (i = 0; i < n; i++) if (!(pid[order[i]] in pid)) print order[i]
+              for (i = 0; i < n; i++) if (pid[order[i]] in pid) print order[i] }'
+}
 
 on_err() {
     local rc=$? cmd=$BASH_COMMAND
@@ -322,6 +331,8 @@ build_status=0
     cut -c1-150 | sed -u 's/^/    /' || build_status=$?
 [ "$build_status" -eq 0 ] || fail "docker build failed (exit $build_status); the build log's end is below"
 BUILD_MS=$(( $(ms) - t ))
+# The image the tag pointed at before, if any, is now untagged: not kept (GBs each).
+"$DOCKER" image prune -f --filter "label=org.opencontainers.image.title=deepscope" >/dev/null
 SIZE=$("$DOCKER" image inspect -f '{{.Size}}' "$IMAGE")
 result "build time" "$(secs "$BUILD_MS") s"
 result "image size ($IMAGE)" "$(awk -v b="$SIZE" 'BEGIN { printf "%.2f GB (%.0f bytes)", b / 1e9, b }')"
@@ -413,9 +424,8 @@ api wait "$JOB_KILL" --until running --timeout 120 >/dev/null
 busy=""
 for _ in $(seq 120); do
     for c in $(compose ps -q worker-cpu); do
-        pid=$("$DOCKER" inspect -f '{{.State.Pid}}' "$c")
-        # A fork worker runs its job in a child process: the busy one has a child.
-        if [ "$pid" -gt 0 ] && pgrep -P "$pid" >/dev/null; then busy=$c; fi
+        # A fork worker runs its job in a child process: the busy one has two.
+        [ "$(worker_pids "$c" | wc -l)" -ge 2 ] && busy=$c
     done
     [ -n "$busy" ] && break
     sleep 0.25
@@ -437,7 +447,8 @@ api ready --cpu-workers 2 --timeout 240 >/dev/null
 note "up -d: 2 cpu workers live again"
 victim=$(compose ps -q worker-cpu | tail -n 1)
 restarts=$("$DOCKER" inspect -f '{{.RestartCount}}' "$victim")
-kill -KILL "$("$DOCKER" inspect -f '{{.State.Pid}}' "$victim")"
+# The worker process itself (under the init): as the OOM killer or a crash would.
+kill -KILL "$(worker_pids "$victim" | head -n 1)"
 for _ in $(seq 120); do
     now=$("$DOCKER" inspect -f '{{.RestartCount}} {{.State.Running}}' "$victim")
     [ "$now" = "$((restarts + 1)) true" ] && break

@@ -2,8 +2,8 @@
 """The image's HEALTHCHECK (`deepscope-healthcheck`): one check for every deepscope service.
 
 It finds the container's deepscope process (the lowest pid whose command line is
-``deepscope api|worker|up ...``; PID 1 unless an init runs first) and checks what that process
-is for:
+``deepscope api|worker|up ...``: PID 1, or the init's child with ``init: true`` / ``docker
+run --init``) and checks what that process is for:
 
 * ``api`` / ``up``: ``GET /healthz`` on the port of its command line answers 200;
 * ``worker``: the worker is registered in Redis from this container (RQ's hostname and pid)
@@ -45,10 +45,13 @@ class Service:
 
 
 def parse(pid: int, argv: list[str]) -> Service | None:
-    """``[python, .../deepscope, ROLE, ...]`` or ``[.../deepscope, ROLE, ...]`` → the service."""
-    for i, arg in enumerate(argv[:-1]):
-        if os.path.basename(arg) == "deepscope" and argv[i + 1] in SERVICES:
-            return Service(argv[i + 1], pid, tuple(argv[i + 2 :]))
+    """``[python, .../deepscope, ROLE, ...]`` or ``[.../deepscope, ROLE, ...]`` → the service.
+    Only the process that runs deepscope: not an init that starts it (``docker-init --
+    deepscope worker``)."""
+    names = [os.path.basename(a) for a in argv]
+    start = 1 if names and names[0].startswith("python") else 0
+    if len(argv) > start + 1 and names[start] == "deepscope" and argv[start + 1] in SERVICES:
+        return Service(argv[start + 1], pid, tuple(argv[start + 2 :]))
     return None
 
 

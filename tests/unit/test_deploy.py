@@ -333,7 +333,9 @@ def test_health_check_knows_every_service(compose: dict[str, Any], tmp_path: Pat
     assert hc.parse(1, [*venv, "train", "fcnn1"]) is None
     assert hc.parse(1, ["redis-server", "--appendonly", "yes"]) is None
     # With an init as PID 1, the lowest deepscope process (not its job's child) is the service.
-    for pid, argv in {1: ["/sbin/docker-init", "--", *venv[1:]], 7: [*venv, "worker"]}.items():
+    init = ["/sbin/docker-init", "--", "deepscope", "worker"]  # compose's `init: true`
+    assert hc.parse(1, init) is None
+    for pid, argv in {1: init, 7: [*venv, "worker"]}.items():
         (tmp_path / str(pid)).mkdir()
         (tmp_path / str(pid) / "cmdline").write_bytes(b"\0".join(a.encode() for a in argv))
     (tmp_path / "30").mkdir()
@@ -349,6 +351,9 @@ def test_compose_health_restart_and_images(compose: dict[str, Any]) -> None:
     for name, svc in _deepscope_services(compose).items():
         assert svc["healthcheck"]["test"] == ["CMD", "deepscope-healthcheck"], name
         assert svc["restart"] in ("unless-stopped", "always"), name
+        # PID 1 ignores SIGTERM until the process installs a handler (a worker imports torch
+        # first): an init takes PID 1, so that `stop` and `down` do not wait for the kill.
+        assert svc["init"] is True, name
     redis = compose["services"]["redis"]
     assert _default(redis["image"]) == "redis:7.4-alpine"
     assert redis["healthcheck"]["test"][:2] == ["CMD", "redis-cli"]
