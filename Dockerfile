@@ -75,11 +75,12 @@ RUN set -eux; \
         python3 -m venv "$VIRTUAL_ENV"; \
     fi
 
-# Dependencies first (reused until pyproject.toml or an index build arg changes): torch and
-# torchvision at the versions pyproject.toml pins, from the variant's index; then s3fs
-# (DEEPSCOPE_STORAGE_URL=s3://...) and the rest. The secret `ca` (a PEM bundle), when given,
-# is pip's CA bundle for this step only.
-COPY pyproject.toml deploy/requirements.py /src/
+# Dependencies first (reused until pyproject.toml, constraints.txt or an index build arg
+# changes): torch and torchvision at the versions constraints.txt pins, from the variant's
+# index; then the server extra, s3fs (DEEPSCOPE_STORAGE_URL=s3://...) and the rest, every one
+# at its constraints.txt pin. The secret `ca` (a PEM bundle), when given, is pip's CA bundle
+# for this step only.
+COPY pyproject.toml constraints.txt deploy/requirements.py /src/
 RUN --mount=type=secret,id=ca \
     set -eu; \
     for v in PIP_INDEX_URL PIP_EXTRA_INDEX_URL PIP_FIND_LINKS PIP_TRUSTED_HOST; do \
@@ -94,9 +95,9 @@ RUN --mount=type=secret,id=ca \
     set -x; \
     cd /src; \
     pip install --index-url "$torch_index" ${PIP_INDEX_URL:+--extra-index-url "$PIP_INDEX_URL"} \
-        $(python3 requirements.py torch); \
-    python3 requirements.py rest s3 > requirements.txt; \
-    pip install -r requirements.txt; \
+        -c constraints.txt $(python3 requirements.py torch); \
+    python3 requirements.py rest server s3 > requirements.txt; \
+    pip install -c constraints.txt -r requirements.txt; \
     cuda="$(python3 -c 'import torch; print(torch.version.cuda or "")')"; \
     if [ "$VARIANT" = cpu ] && [ -n "$cuda" ]; then \
         echo "WARNING: VARIANT=cpu, but $torch_index served a CUDA $cuda build of torch: the" \

@@ -4,15 +4,22 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: install run test lint typecheck unit bench bench-peers reliability deploy-test clean
+.PHONY: install constraints run test lint typecheck unit bench bench-peers reliability deploy-test clean
 
-$(STAMP): pyproject.toml
+# Everything (the server, s3, mlflow and the test tools) at the versions constraints.txt pins.
+$(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
 install: $(STAMP)
+
+# Rewrites constraints.txt from the venv (after changing a range in pyproject.toml and
+# installing): every distribution that the package and its extras need, pinned.
+constraints:
+	$(BIN)/python deploy/requirements.py lock > constraints.txt.new
+	mv constraints.txt.new constraints.txt
 
 run: $(STAMP)
 	$(BIN)/deepscope up

@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(default=512 * _MiB, gt=0)
     max_models_per_tenant: int = Field(default=100, gt=0)
     max_datasets_per_tenant: int = Field(default=100, gt=0)
+    idempotency_ttl_s: int = Field(
+        default=86400,
+        gt=0,
+        description="seconds an Idempotency-Key of POST /v1/jobs or /v1/models is remembered",
+    )
     max_steps: int = Field(default=DEFAULT_MAX_STEPS, gt=0)
     tenant_running_jobs: int = Field(
         default=2,
@@ -183,6 +188,23 @@ class Settings(BaseSettings):
     fashion_mnist_dir: Path | None = None
     demo_tenant: str | None = Field(
         default=None, description="tenant of the demo models; None: the first configured tenant"
+    )
+    callback_hosts: str = Field(
+        default="",
+        description="hosts a job's callback_url may point at, comma-separated: a host name "
+        "(any port) or host:port; empty: callbacks are refused (422 callback_not_allowed)",
+    )
+    callback_attempts: int = Field(
+        default=6, ge=1, le=30, description="attempts to deliver one webhook before giving up"
+    )
+    callback_backoff_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=3600,
+        description="seconds before a webhook's second attempt; doubled after each failure",
+    )
+    callback_timeout_s: float = Field(
+        default=10.0, gt=0, le=120, description="seconds one webhook POST may take"
     )
 
     @field_validator("api_keys")

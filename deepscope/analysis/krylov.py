@@ -51,12 +51,17 @@ class RitzPairs:
     converged: bool
 
 
-def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator | None) -> Tensor:
+def _orthonormalize(
+    w: Tensor, basis: Tensor, generator: torch.Generator | None, space: int | None = None
+) -> Tensor:
     """Rows of ``w`` ``(b, N)`` orthonormal and orthogonal to ``basis`` ``(j, N)`` rows.
 
     Two passes of block Gram–Schmidt then a QR; a row that vanishes (the block is rank
     deficient: an invariant subspace was found) is replaced by a fresh random direction so that
-    the block keeps its size.
+    the block keeps its size, as far as the space allows: with ``space`` (the dimension of the
+    space the rows live in) at most ``space − j`` rows come back, since no more directions
+    orthogonal to the basis exist (a fresh one would be rounding noise, not orthogonal); the
+    caller also passes a smaller ``space`` to cap the basis.
     """
     for _ in range(2):
         if basis.shape[0]:
@@ -64,6 +69,11 @@ def _orthonormalize(w: Tensor, basis: Tensor, generator: torch.Generator | None)
     q, r = torch.linalg.qr(w.T)
     scale = w.norm(dim=1).max().clamp_min(1e-300)
     dead = r.diagonal().abs() <= 1e-10 * scale
+    room = w.shape[0] if space is None else space - basis.shape[0]
+    if room < w.shape[0]:
+        # The end of the space: keep the surviving directions only, at most ``room``.
+        kept: Tensor = q.T[~dead][: max(room, 0)].contiguous()
+        return kept
     if bool(dead.any()):
         fresh = torch.randn(
             int(dead.sum()), w.shape[1], generator=generator, dtype=w.dtype, device="cpu"
@@ -153,15 +163,23 @@ def block_lanczos(
         projected[:used, lo:used] = coeff.T
         projected[lo:used, :used] = coeff
         steps += 1
-        last = used == dim or used + block > cap
+        # The last block may be smaller than the others: the basis fills the cap exactly
+        # (a whole space of 384 with blocks of 5 would otherwise stop at 380, inexact).
+        last = used >= cap
         if last:
-            coupling = torch.zeros(block, q.shape[0], dtype=dtype, device=device)
+            # The residual block's R factor: the basis ends here, but its Ritz residuals are
+            # ‖R y‖ all the same (zero only when the basis spans the whole space).
+            coupling = torch.linalg.qr(w.T).R
             nxt = None
         else:
-            nxt = _orthonormalize(w, v, generator)
+            nxt = _orthonormalize(w, v, generator, cap)
             if flat_mask is not None:
                 nxt = nxt * flat_mask
-            coupling = nxt @ w.T  # (b_next, b): the block's R factor
+            if nxt.shape[0] == 0:
+                coupling = torch.linalg.qr(w.T).R
+                nxt = None
+            else:
+                coupling = nxt @ w.T  # (b_next, b): the block's R factor
         # The projected eigenproblem costs O(used³): solve it on a sparse schedule (every step
         # at first, then about every eighth of the steps so far), and always at the end.
         if last or nxt is None or steps >= next_check:
@@ -180,7 +198,7 @@ def block_lanczos(
                 break
         if last or nxt is None:
             # A basis of the whole (masked) space is exact whatever the residual says.
-            converged = used == dim
+            converged = used >= dim
             break
         if used + 2 * block > basis.shape[0]:
             room = min(cap, 2 * basis.shape[0]) + block

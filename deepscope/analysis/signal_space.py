@@ -14,8 +14,12 @@ layer's matrix is its weight ``W`` (out × in). A Conv2d layer has three views
   it is the layer's map only for circular padding, and the circular counterpart of a
   zero-padded layer has singular values that differ by up to ~40% of σ_max on small inputs.
   ``zero`` (and ``reflect``/``replicate``): the layer's real map, exactly ``F.conv2d`` with its
-  stride, padding, dilation and groups; every value from the dense matrix when it is small, or
-  the extremes from :func:`deepscope.analysis.operator_spectrum.conv_operator_spectrum`.
+  stride, padding, dilation and groups; every value from the dense matrix when
+  ``min(m, n) ≤ max_dense``, else only the ``k`` largest and ``k`` smallest, matrix-free by
+  block Lanczos with the conv and its adjoint
+  (:func:`deepscope.analysis.operator_spectrum.conv_operator_spectrum`): such a
+  :class:`LayerSpectrum` is *partial* (``stats`` None, ``extremes`` set), and what needs every
+  value (rank, quantiles) is not reported for it.
   :func:`deepscope.analysis.conv_operator.layer_padding` tells which boundary a layer has.
 
 Every SVD runs in float64 so that condition numbers are exact; the rank tolerance comes from
@@ -49,8 +53,19 @@ from deepscope.analysis.conv_operator import (
 )
 from deepscope.analysis.hooks import eval_mode
 from deepscope.analysis.layers import LayerKind, WeightLayer
+from deepscope.analysis.operator_spectrum import (
+    DEFAULT_LANCZOS_ENTRIES,
+    OperatorSpectrum,
+    SpectrumMethod,
+    conv_operator_spectrum,
+)
+from deepscope.analysis.operator_spectrum import (
+    DEFAULT_MAX_DENSE as _INVERSE_MAX_DENSE,
+)
 
 __all__ = [
+    "DEFAULT_EXTREMES",
+    "DEFAULT_MAX_DENSE",
     "ConvView",
     "LayerSpectrum",
     "SpectrumStats",
@@ -62,6 +77,13 @@ __all__ = [
     "spectrum_stats",
     "top_singular_directions",
 ]
+
+
+#: The operator view's largest ``min(m, n)`` decomposed densely (every singular value): a
+#: 4096×4096 float64 SVD takes seconds; beyond it only the extremes are computed.
+DEFAULT_MAX_DENSE = 4096
+#: How many of the largest and of the smallest singular values a partial spectrum reports.
+DEFAULT_EXTREMES = 16
 
 
 class ConvView(StrEnum):
@@ -352,15 +374,33 @@ class LayerSpectrum:
     A Linear layer's matrix is ``W`` in every view; ``view`` records the view asked for.
     ``padding`` is the operator's boundary (None outside the operator view and for Linear
     layers); ``note`` a warning when that is not the layer's own boundary.
+
+    Exactly one of ``stats`` (every singular value) and ``extremes`` (a non-circular operator
+    too large for the dense SVD: its ``k`` largest and ``k`` smallest values with error bounds,
+    ``extremes.complete`` False) is set.
     """
 
     name: str
     kind: LayerKind
     view: ConvView
     matrix_shape: tuple[int, int]
-    stats: SpectrumStats
+    stats: SpectrumStats | None
     padding: OperatorPadding | None = None
     note: str | None = None
+    extremes: OperatorSpectrum | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every singular value was computed (``stats`` is set)."""
+        return self.stats is not None
+
+    @property
+    def spectral_norm(self) -> float:
+        """``σ_max``, from whichever spectrum there is."""
+        if self.stats is not None:
+            return self.stats.spectral_norm
+        assert self.extremes is not None
+        return self.extremes.sigma_max
 
 
 def signal_space(
@@ -369,7 +409,9 @@ def signal_space(
     input_hw: Mapping[str, tuple[int, int]] | None = None,
     *,
     operator_padding: OperatorPadding | str | None = OperatorPadding.CIRCULAR,
-    max_dense: int = 4096,
+    max_dense: int = DEFAULT_MAX_DENSE,
+    k: int = DEFAULT_EXTREMES,
+    lanczos_entries: int = DEFAULT_LANCZOS_ENTRIES,
 ) -> list[LayerSpectrum]:
     """The spectrum of every layer in ``layers``, in order.
 
@@ -392,17 +434,25 @@ def signal_space(
             FFT; the default), ``zero``, ``reflect``, ``replicate``, or None for each layer's
             own (:func:`~deepscope.analysis.conv_operator.layer_padding`). Each
             :class:`LayerSpectrum` carries a ``note`` where this is not the layer's own.
-        max_dense: the non-circular boundaries decompose the dense matrix: the largest
-            ``min(m, n)`` allowed (every value is needed here; for the extremes of larger
-            operators use :func:`~deepscope.analysis.operator_spectrum.conv_operator_spectrum`).
+        max_dense: a non-circular operator with ``min(m, n) ≤ max_dense`` is decomposed
+            densely (every value); a larger one gets only its ``k`` largest and ``k`` smallest
+            values, by block Lanczos with the conv and its adjoint as matrix-vector products
+            (:func:`~deepscope.analysis.operator_spectrum.conv_operator_spectrum`), and its
+            :class:`LayerSpectrum` is partial.
+        k: how many of the largest and of the smallest values a partial spectrum has (≥ 1).
+        lanczos_entries: memory for one Lanczos basis, in float64 entries (8 bytes each).
 
     Raises:
         ValueError: unknown view or padding; operator view without the input size of a Conv2d
             layer; the conditions of :func:`conv_operator_singular_values`; ``circular`` for a
             layer whose padding is not "same"-shaped (the circular operator is not its map); a
-            non-circular operator larger than ``max_dense``.
+            padding mode the layer cannot have (e.g. ``reflect`` wider than the input); a
+            non-circular operator so large that a Lanczos basis of a few blocks does not fit in
+            ``lanczos_entries``; ``k < 1``.
     """
     view = _as_view(view)
+    if k < 1:
+        raise ValueError(f"k must be at least 1, got {k}")
     sizes: dict[str, tuple[int, int]] = {}
     paddings: dict[str, OperatorPadding] = {}
     if view is ConvView.OPERATOR:
@@ -449,14 +499,22 @@ def signal_space(
     values: list[Tensor] = []
     shapes: list[tuple[int, int]] = []
     tolerance_dims: list[int | None] = []
+    partial: dict[str, OperatorSpectrum] = {}
     for layer, matrix in zip(layers, matrices, strict=True):
         if matrix is None:
             padding = paddings[layer.name]
+            shape = _operator_shape(layer, sizes[layer.name])
             if padding is OperatorPadding.CIRCULAR:
                 values.append(conv_operator_singular_values(layer, sizes[layer.name]))
+            elif min(shape) <= max_dense:
+                values.append(_dense_operator_values(layer, sizes[layer.name], padding))
             else:
-                values.append(_dense_operator_values(layer, sizes[layer.name], padding, max_dense))
-            shapes.append(_operator_shape(layer, sizes[layer.name]))
+                partial[layer.name] = _extreme_operator_values(
+                    layer, sizes[layer.name], padding, k, max_dense, lanczos_entries
+                )
+                # A placeholder keeps the lists aligned; partial layers get no SpectrumStats.
+                values.append(torch.empty(0, dtype=torch.float64))
+            shapes.append(shape)
             tolerance_dims.append(_operator_block_dim(layer))
         else:
             values.append(_svdvals(_to_float64(matrix, workspaces[matrix.device])))
@@ -474,32 +532,65 @@ def signal_space(
             layer.kind,
             view,
             shape,
-            spectrum_stats(v, shape, _eps(layer.weight.dtype), tolerance_dim=dim),
+            None
+            if layer.name in partial
+            else spectrum_stats(v, shape, _eps(layer.weight.dtype), tolerance_dim=dim),
             padding=paddings.get(layer.name),
             note=(
                 operator_padding_note(layer, paddings[layer.name])
                 if layer.name in paddings
                 else None
             ),
+            extremes=partial.get(layer.name),
         )
         for layer, v, shape, dim in zip(layers, values, shapes, tolerance_dims, strict=True)
     ]
 
 
 def _dense_operator_values(
-    layer: WeightLayer, hw: tuple[int, int], padding: OperatorPadding, max_dense: int
+    layer: WeightLayer, hw: tuple[int, int], padding: OperatorPadding
 ) -> Tensor:
-    """Every singular value of the operator with a non-circular boundary, from its dense matrix."""
+    """Every singular value ``(min(m, n),)`` of a non-circular operator, from its dense matrix."""
     m, n = _operator_shape(layer, hw)
-    if min(m, n) > max_dense:
-        raise ValueError(
-            f"layer {layer.name!r}: its {padding.value}-padded operator on {hw[0]}×{hw[1]} is "
-            f"{m}×{n}, too large to decompose every singular value (max_dense={max_dense}); use "
-            "conv_operator_spectrum() for its largest and smallest ones, or "
-            "operator_padding='circular'"
-        )
     matrix = dense_operator_matrix(layer, hw, padding, max_entries=max(m * n, 1))
     return _svdvals(matrix)
+
+
+def _extreme_operator_values(
+    layer: WeightLayer,
+    hw: tuple[int, int],
+    padding: OperatorPadding,
+    k: int,
+    max_dense: int,
+    lanczos_entries: int,
+) -> OperatorSpectrum:
+    """The ``k`` largest and smallest values of a non-circular operator, matrix-free (Lanczos).
+
+    ``max_dense`` still bounds the dense factorizations the shift-invert for the smallest
+    values may use (an exact inverse of the Gram of a small side).
+    """
+    m, n = _operator_shape(layer, hw)
+    try:
+        return conv_operator_spectrum(
+            layer,
+            hw,
+            padding,
+            k=k,
+            method=SpectrumMethod.EXTREMES,
+            max_dense=min(max_dense, _INVERSE_MAX_DENSE),
+            lanczos_entries=lanczos_entries,
+        )
+    except ValueError as exc:
+        if "Lanczos basis" not in str(exc):
+            raise
+        # Say which limit, and what the user can do about it.
+        raise ValueError(
+            f"layer {layer.name!r}: its {padding.value}-padded operator on {hw[0]}×{hw[1]} is "
+            f"{m}×{n}, too large even for its extreme singular values: a Lanczos basis of a few "
+            f"blocks of vectors of its smaller side does not fit in {lanczos_entries} float64 "
+            "entries (8 bytes each); use operator_padding='circular' (exact by FFT at any "
+            "size), a smaller input, or leave the layer out"
+        ) from None
 
 
 def top_singular_directions(matrix: Tensor, k: int) -> tuple[Tensor, Tensor]:
@@ -548,8 +639,12 @@ def layer_spectrum_metrics(ls: LayerSpectrum) -> dict[str, object]:
     """The JSON-ready ``metrics.layers[]`` entry of the ``signal_space`` analysis for one layer.
 
     Operator-view conv layers also carry ``padding`` (the boundary) and ``padding_note`` (a
-    warning when it is not the layer's own, else null).
+    warning when it is not the layer's own, else null). A partial spectrum (``ls.extremes``)
+    has no ``singular_values`` and a null ``rank``, and carries ``extremes``: how its values
+    were found, their error bounds and whether Lanczos converged.
     """
+    if ls.stats is None:
+        return _partial_metrics(ls)
     stats = ls.stats
     out: dict[str, object] = {
         "name": ls.name,
@@ -564,6 +659,47 @@ def layer_spectrum_metrics(ls: LayerSpectrum) -> dict[str, object]:
         ),
         "stable_rank": stats.stable_rank,
         "spectral_norm": stats.spectral_norm,
+    }
+    if ls.padding is not None:
+        out["padding"] = ls.padding.value
+        out["padding_note"] = ls.note
+    return out
+
+
+def _partial_metrics(ls: LayerSpectrum) -> dict[str, object]:
+    """:func:`layer_spectrum_metrics` of a partial (extremes-only) operator spectrum.
+
+    Only what the extremes determine: ``σ_max``, ``σ_min`` and their ratio; the stable rank
+    ``‖A‖_F² / σ_max²`` (``‖A‖_F`` is exact without the spectrum: the conv of ``w²`` on ones)
+    where the boundary allows. The rank needs every value and is null.
+    """
+    spec = ls.extremes
+    assert spec is not None
+    cond = spec.condition_number
+    sigma_min, sigma_min_error = spec.sigma_min, float(spec.smallest_error[0])
+    out: dict[str, object] = {
+        "name": ls.name,
+        "kind": ls.kind.value,
+        "view": ls.view.value,
+        "matrix_shape": list(ls.matrix_shape),
+        "rank": None,
+        "condition_number": None if math.isinf(cond) else cond,
+        "stable_rank": spec.stable_rank,
+        "spectral_norm": spec.sigma_max,
+        "extremes": {
+            "k": int(spec.largest.numel()),
+            "method": "lanczos",
+            "detail": spec.detail,
+            "converged": spec.converged,
+            # Certified: Lanczos converged and some singular value provably lies within
+            # 0.1% of σ_min (3 significant digits); else an estimate, off by its bound at most.
+            "sigma_min_certified": spec.converged and sigma_min_error <= 1e-3 * sigma_min,
+            "sigma_min_error": sigma_min_error,
+            "largest_error": spec.largest_error.tolist(),
+            "smallest_error": spec.smallest_error.tolist(),
+            "structural_zeros": spec.structural_zeros,
+            "frobenius_norm": spec.frobenius_norm,
+        },
     }
     if ls.padding is not None:
         out["padding"] = ls.padding.value

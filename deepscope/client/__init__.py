@@ -1,10 +1,14 @@
 """The Python SDK of the deepscope service (httpx; never imports torch).
 
 ``Client(url, key)`` uploads models and datasets, submits analyses, waits for them with a
-progress bar, predicts, and downloads results; the ``deepscope submit | wait | predict | check
-| report`` commands are built on it.
+progress bar, predicts, compares jobs, downloads results and logs them to MLflow;
+``AsyncClient`` is the same for asyncio. The ``deepscope submit | wait | jobs | diff | check |
+…`` commands are built on it. ``verify_signature`` checks a webhook delivery's
+``Deepscope-Signature``.
 """
 
+from deepscope.client._core import Page, RetryPolicy
+from deepscope.client.async_client import AsyncClient
 from deepscope.client.sdk import DEFAULT_URL, Client, DeepscopeError, resolve_credentials
 from deepscope.contract import (
     Artifact,
@@ -20,11 +24,15 @@ from deepscope.contract import (
     Result,
     TopK,
 )
+from deepscope.contract.compare import CompareOut, LayerDiff, MetricDiff
+from deepscope.contract.signing import verify_signature
 
 __all__ = [
     "DEFAULT_URL",
     "Artifact",
+    "AsyncClient",
     "Client",
+    "CompareOut",
     "DatasetOut",
     "DeepscopeError",
     "GeneratedPrediction",
@@ -32,10 +40,15 @@ __all__ = [
     "JobError",
     "JobOut",
     "JobStatus",
+    "LayerDiff",
+    "MetricDiff",
     "ModelOut",
     "ModelStatus",
+    "Page",
     "Prediction",
     "Result",
+    "RetryPolicy",
     "TopK",
     "resolve_credentials",
+    "verify_signature",
 ]

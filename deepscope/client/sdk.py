@@ -6,39 +6,48 @@
 
     with Client("http://127.0.0.1:8000", key) as ds:
         model = ds.wait_model(ds.upload_model("fcnn1.safetensors").id)
-        job = ds.wait(ds.submit(model.id, "signal_space"))
+        job = ds.wait(ds.submit(model.id, "signal_space", labels={"git_sha": "3f2a9c1"}))
         print(job.result.metrics["layers"][0]["condition_number"])
         ds.download_artifacts(job, "out/fcnn1")
 
 Results are the service's own schemas (pydantic models). Every error the server answers is a
-:class:`DeepscopeError` carrying its status code and ``detail``; an unreachable server, a job
-that failed and a wait that timed out are too (``status_code`` None). Never imports torch.
+:class:`DeepscopeError` carrying its status code, ``detail`` and problem ``type``; an
+unreachable server, a job that failed and a wait that timed out are too (``status_code``
+None). Connection errors and 502/503/504 are retried with backoff for requests that are safe to
+repeat (GET, DELETE, and the uploads and submits, which carry an Idempotency-Key), and polled
+through while waiting. :class:`~deepscope.client.AsyncClient` is the same client for asyncio
+(both build their requests and read their answers with ``deepscope.client._core``). Never
+imports torch.
 """
 
 from __future__ import annotations
 
-import io
-import json
-import os
+import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import ExitStack, contextmanager
-from pathlib import Path, PurePosixPath
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
-from typing import IO, Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import httpx
-import numpy as np
-from pydantic import ValidationError
 
+from deepscope.client import _core
+from deepscope.client._core import (
+    DEFAULT_URL,
+    DeepscopeError,
+    JobWait,
+    ModelWait,
+    Page,
+    Request,
+    RetryPolicy,
+    ident,
+    resolve_credentials,
+)
 from deepscope.contract import (
-    DatasetList,
     DatasetOut,
-    JobList,
     JobOut,
     JobStatus,
     LinkOut,
-    ModelList,
     ModelOut,
     ModelStatus,
     Prediction,
@@ -46,70 +55,29 @@ from deepscope.contract import (
     PredictOut,
     ReadyOut,
 )
-from deepscope.manifest import Manifest, ModelFormat, manifest_path_for
+from deepscope.manifest import Manifest, ModelFormat
+
+if TYPE_CHECKING:
+    from deepscope.client._core import ImagesArg
+    from deepscope.contract.compare import CompareOut
 
 __all__ = [
     "DEFAULT_URL",
     "Client",
     "DeepscopeError",
+    "Page",
+    "RetryPolicy",
     "resolve_credentials",
 ]
 
-DEFAULT_URL = "http://127.0.0.1:8000"
-_FORMATS = {
-    ".safetensors": ModelFormat.SAFETENSORS,
-    ".pt": ModelFormat.STATE_DICT,
-    ".pth": ModelFormat.STATE_DICT,
-    ".bin": ModelFormat.STATE_DICT,
-    ".pt2": ModelFormat.PT2,
-}
-_CHUNK = 1024 * 1024
-
-ImagesArg = str | Path | Sequence[str | Path] | np.ndarray
-
-
-class DeepscopeError(Exception):
-    """What went wrong: the server's ``detail`` and HTTP status code (None when no answer came:
-    unreachable server, a failed job, a timeout)."""
-
-    def __init__(self, status_code: int | None, detail: str, *, job: JobOut | None = None) -> None:
-        super().__init__(detail)
-        self.status_code = status_code
-        self.detail = detail
-        #: The job, for a job that failed or was canceled.
-        self.job = job
-
-    def __str__(self) -> str:
-        return self.detail if self.status_code is None else f"{self.status_code}: {self.detail}"
-
-
-def resolve_credentials(url: str | None = None, key: str | None = None) -> tuple[str, str | None]:
-    """``url`` / ``key``, else ``DEEPSCOPE_URL`` / ``DEEPSCOPE_API_KEY``, else the local
-    defaults: ``http://127.0.0.1:8000`` and the development key that ``deepscope up`` keeps in
-    ``$DEEPSCOPE_DATA_DIR/dev-api-key`` (``data/dev-api-key``)."""
-    url = url or os.environ.get("DEEPSCOPE_URL") or DEFAULT_URL
-    key = key or os.environ.get("DEEPSCOPE_API_KEY") or None
-    if key is None:
-        dev = Path(os.environ.get("DEEPSCOPE_DATA_DIR") or "data") / "dev-api-key"
-        if dev.is_file():
-            key = dev.read_text().strip() or None
-    return url.rstrip("/"), key
-
-
-def _id(obj: str | ModelOut | JobOut) -> str:
-    return obj if isinstance(obj, str) else obj.id
-
-
-def _safe_target(out_dir: Path, rel: str) -> Path:
-    """``out_dir/rel``, refusing anything that would land outside ``out_dir``."""
-    parts = PurePosixPath(rel).parts
-    if not parts or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise DeepscopeError(None, f"refusing the artifact path {rel!r}")
-    return out_dir.joinpath(*parts)
-
 
 class Client:
-    """A connection to one deepscope service; use it as a context manager (or call close)."""
+    """A connection to one deepscope service; use it as a context manager (or call close).
+
+    ``retries``: more attempts for a request that met a connection error or a 502/503/504
+    (``RetryPolicy`` for the details); ``unreachable_timeout``: how long ``wait`` keeps polling
+    a service that does not answer (a restart, a deploy) before it gives up.
+    """
 
     def __init__(
         self,
@@ -117,12 +85,18 @@ class Client:
         key: str | None = None,
         *,
         timeout: float = 60.0,
+        retries: int | RetryPolicy = 4,
+        unreachable_timeout: float = 120.0,
         transport: httpx.BaseTransport | None = None,
     ) -> None:
-        headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.url = url.rstrip("/")
+        self.retry = retries if isinstance(retries, RetryPolicy) else RetryPolicy(retries)
+        self.unreachable_timeout = unreachable_timeout
         self._http = httpx.Client(
-            base_url=self.url, headers=headers, timeout=timeout, transport=transport
+            base_url=self.url,
+            headers=_core.auth_headers(key),
+            timeout=timeout,
+            transport=transport,
         )
 
     @classmethod
@@ -145,25 +119,61 @@ class Client:
     def close(self) -> None:
         self._http.close()
 
-    # --- plumbing -------------------------------------------------------------------------
+    # --- transport ------------------------------------------------------------------------
 
-    def _request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        try:
-            resp = self._http.request(method, path, **kwargs)
-        except httpx.TimeoutException as exc:
-            raise DeepscopeError(None, f"{method} {self.url}{path} timed out ({exc})") from None
-        except httpx.TransportError as exc:
-            raise DeepscopeError(None, f"cannot reach {self.url}: {exc}") from None
-        if resp.status_code >= 400:
+    def _send(self, request: Request) -> httpx.Response:
+        """Send ``request``, retrying transient failures as :attr:`retry` allows; an error
+        answer raises DeepscopeError."""
+        attempt = 0
+        while True:
+            headers: httpx.Headers | None = None
             try:
-                detail = str(resp.json()["detail"])
-            except (ValueError, KeyError, TypeError):
-                detail = resp.text.strip()[:500] or resp.reason_phrase
-            raise DeepscopeError(resp.status_code, detail)
-        return resp
+                with request.httpx_kwargs() as kwargs:
+                    resp = self._http.request(request.method, request.path, **kwargs)
+            except httpx.TransportError as exc:
+                error = _core.transport_error(self.url, request.method, request.path, exc)
+            else:
+                if resp.status_code < 400:
+                    return resp
+                error, headers = _core.response_error(resp), resp.headers
+            delay = self.retry.delay(request, attempt, error, headers)
+            if delay is None:
+                raise error
+            time.sleep(delay)
+            attempt += 1
 
-    def _json(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._request(method, path, **kwargs).json()
+    def _get(self, path: str, params: list[tuple[str, str]] | None = None) -> Any:
+        return self._send(Request("GET", path, params=params or [])).json()
+
+    def _download(self, request: Request, target: Path) -> Path:
+        """Stream a GET to ``target`` (written whole or not at all), with retries."""
+        tmp = _core.part_file(target)
+        attempt = 0
+        try:
+            while True:
+                headers: httpx.Headers | None = None
+                try:
+                    with (
+                        request.httpx_kwargs() as kwargs,
+                        self._http.stream(request.method, request.path, **kwargs) as resp,
+                    ):
+                        if resp.status_code < 400:
+                            with tmp.open("wb") as f:
+                                for chunk in resp.iter_bytes(_core.CHUNK):
+                                    f.write(chunk)
+                            tmp.replace(target)
+                            return target
+                        resp.read()
+                        error, headers = _core.response_error(resp), resp.headers
+                except httpx.TransportError as exc:
+                    error = _core.transport_error(self.url, request.method, request.path, exc)
+                delay = self.retry.delay(request, attempt, error, headers)
+                if delay is None:
+                    raise error
+                time.sleep(delay)
+                attempt += 1
+        finally:
+            tmp.unlink(missing_ok=True)
 
     # --- service --------------------------------------------------------------------------
 
@@ -172,29 +182,28 @@ class Client:
         try:
             resp = self._http.get("/readyz")
         except httpx.TransportError as exc:
-            raise DeepscopeError(None, f"cannot reach {self.url}: {exc}") from None
+            raise _core.transport_error(self.url, "GET", "/readyz", exc) from None
         return ReadyOut.model_validate(resp.json())
 
     def archs(self) -> list[str]:
         """Architectures the workers can build (a manifest's ``arch``)."""
-        return [str(a) for a in self._json("GET", "/v1/archs")]
+        return [str(a) for a in self._get("/v1/archs")]
 
     def report_url(self, job: str | JobOut | None = None, *, ttl: int = 3600) -> str:
         """A signed, read-only link (valid ``ttl`` seconds) to a job's report page, or to the
         index of models and jobs without a job: open it in a browser."""
-        params: dict[str, Any] = {"ttl": ttl}
+        params = [("ttl", str(ttl))]
         if job is not None:
-            params["job_id"] = _id(job)
-        link = LinkOut.model_validate(self._json("GET", "/v1/ui/link", params=params))
-        return self.url + link.url
+            params.append(("job_id", ident(job)))
+        return self.url + LinkOut.model_validate(self._get("/v1/ui/link", params)).url
 
     def report_html(self, job: str | JobOut, *, standalone: bool = True) -> str:
         """A job's report page (HTML). ``standalone`` (the default): one self-contained file,
         pictures, charts and their data inside, that opens from disk with no server (e.g. an
         artifact of a CI run); else the page as the service shows it, whose pictures are links
         to the service."""
-        params = {"standalone": "true"} if standalone else {}
-        return self._request("GET", f"/v1/jobs/{_id(job)}/report", params=params).text
+        params = [("standalone", "true")] if standalone else []
+        return self._send(Request("GET", f"/v1/jobs/{ident(job)}/report", params=params)).text
 
     # --- models ---------------------------------------------------------------------------
 
@@ -210,6 +219,8 @@ class Client:
         class_names: Sequence[str] | None = None,
         normalization: dict[str, list[float]] | None = None,
         name: str | None = None,
+        labels: Mapping[str, str] | None = None,
+        idempotency_key: str | None = None,
         wait: bool = False,
         timeout: float = 300.0,
     ) -> ModelOut:
@@ -220,77 +231,80 @@ class Client:
         the file (``model.json`` for ``model.safetensors``, as ``deepscope train`` writes),
         else built from the keyword arguments; given keywords override its fields. The format
         defaults to the file's suffix (``.safetensors``; ``.pt``/``.pth``: a state_dict).
+        ``labels`` (git SHA, branch, …) are what lists filter by. The upload carries an
+        Idempotency-Key (``idempotency_key``, else a fresh one), so a retry after a lost
+        answer returns the same model; a file the tenant already uploaded with the same
+        manifest comes back as that model.
         """
-        path = Path(path)
-        if not path.is_file():
-            raise DeepscopeError(None, f"no such model file: {path}")
-        man = self._manifest(path, manifest)
-        updates: dict[str, Any] = {
-            "arch": arch,
-            "arch_kwargs": arch_kwargs,
-            "input_shape": tuple(input_shape) if input_shape is not None else None,
-            "format": ModelFormat(format) if format is not None else None,
-            "class_names": list(class_names) if class_names is not None else None,
-            "normalization": normalization,
-        }
-        raw = man.model_dump(mode="json")
-        raw.update({k: v for k, v in updates.items() if v is not None})
-        inferred = format is None and manifest is None and path.suffix in _FORMATS
-        if inferred and not manifest_path_for(path).is_file():
-            raw["format"] = _FORMATS[path.suffix].value
-        try:
-            man = Manifest.model_validate(raw)
-        except ValidationError as exc:
-            raise DeepscopeError(None, f"invalid manifest: {exc.errors()[0]['msg']}") from None
-        fields = {"manifest": man.model_dump_json(exclude_none=True)}
-        if name:
-            fields["name"] = name
-        with path.open("rb") as f:
-            files = {"file": (path.name, f, "application/octet-stream")}
-            model = ModelOut.model_validate(
-                self._json("POST", "/v1/models", files=files, data=fields)
-            )
+        request = _core.upload_model_request(
+            path,
+            manifest,
+            arch=arch,
+            arch_kwargs=arch_kwargs,
+            input_shape=input_shape,
+            format=format,
+            class_names=class_names,
+            normalization=normalization,
+            name=name,
+            labels=labels,
+            idempotency_key=idempotency_key,
+        )
+        model = ModelOut.model_validate(self._send(request).json())
         return self.wait_model(model.id, timeout=timeout) if wait else model
 
-    @staticmethod
-    def _manifest(path: Path, manifest: Manifest | dict[str, Any] | str | Path | None) -> Manifest:
-        try:
-            if isinstance(manifest, Manifest):
-                return manifest
-            if isinstance(manifest, dict):
-                return Manifest.model_validate(manifest)
-            if isinstance(manifest, str | Path):
-                return Manifest.read(Path(manifest))
-            beside = manifest_path_for(path)
-            return Manifest.read(beside) if beside.is_file() else Manifest()
-        except ValueError as exc:
-            raise DeepscopeError(None, str(exc).splitlines()[0]) from None
-
     def get_model(self, model: str | ModelOut) -> ModelOut:
-        return ModelOut.model_validate(self._json("GET", f"/v1/models/{_id(model)}"))
+        return ModelOut.model_validate(self._get(f"/v1/models/{ident(model)}"))
 
-    def list_models(self) -> list[ModelOut]:
-        return ModelList.model_validate(self._json("GET", "/v1/models")).models
+    def list_models(
+        self,
+        *,
+        status: ModelStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[ModelOut]:
+        """One page of models, newest first (iterate it; ``.next_cursor`` for the next page),
+        filtered by status and labels (every one must match)."""
+        request = _core.list_models_request(
+            status=status, labels=labels, limit=limit, cursor=cursor
+        )
+        return _core.model_page(self._send(request).json())
+
+    def iter_models(
+        self,
+        *,
+        status: ModelStatus | str | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[ModelOut]:
+        """Every model that matches, page after page (``limit``: the page size)."""
+        cursor: str | None = None
+        while True:
+            page = self.list_models(status=status, labels=labels, limit=limit, cursor=cursor)
+            yield from page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def delete_model(self, model: str | ModelOut) -> None:
-        self._request("DELETE", f"/v1/models/{_id(model)}")
+        self._send(Request("DELETE", f"/v1/models/{ident(model)}"))
 
     def wait_model(
         self, model: str | ModelOut, *, timeout: float = 300.0, poll: float = 0.1
     ) -> ModelOut:
         """Poll until the model is ``ready`` or ``invalid`` (returned either way: check
         ``.status`` and ``.error``); DeepscopeError after ``timeout`` seconds."""
-        deadline = time.monotonic() + timeout
-        for interval in _backoff(poll):
-            current = self.get_model(model)
-            if current.status is not ModelStatus.VALIDATING:
+        clock = ModelWait(timeout, poll, self.unreachable_timeout)
+        while True:
+            try:
+                current = self.get_model(model)
+            except DeepscopeError as exc:
+                time.sleep(clock.tolerate(exc))
+                continue
+            interval = clock.next(current)
+            if interval is None:
                 return current
-            if time.monotonic() + interval > deadline:
-                raise DeepscopeError(
-                    None, f"model {current.id} still validating after {timeout:g} s"
-                )
             time.sleep(interval)
-        raise AssertionError("unreachable")
 
     # --- prediction -----------------------------------------------------------------------
 
@@ -305,62 +319,33 @@ class Client:
         """What the model says about each image: PNG paths, one ``.npz`` path (``images``
         (N,H,W) or (N,C,H,W), uint8 or float in [0, 1]), or such an array. Small batches are
         answered within the request; larger ones run as a job, which this waits for."""
-        with ExitStack() as stack:
-            files = self._image_files(images, stack)
-            resp = self._request(
-                "POST", f"/v1/models/{_id(model)}/predict", files=files, params={"top_k": top_k}
-            )
+        resp = self._send(_core.predict_request(model, images, top_k))
         if resp.status_code == 200:
             return PredictOut.model_validate(resp.json()).predictions
         job = self.wait(JobOut.model_validate(resp.json()), progress=False, timeout=timeout)
         assert job.result is not None
         return job.result.metrics_as(PredictMetrics).predictions
 
-    @staticmethod
-    def _image_files(images: ImagesArg, stack: ExitStack) -> list[tuple[str, Any]]:
-        if isinstance(images, np.ndarray):
-            buf = io.BytesIO()
-            np.savez(buf, images=images)
-            return [("file", ("images.npz", buf.getvalue(), "application/octet-stream"))]
-        paths = [Path(images)] if isinstance(images, str | Path) else [Path(p) for p in images]
-        if not paths:
-            raise DeepscopeError(None, "no images given")
-        for p in paths:
-            if not p.is_file():
-                raise DeepscopeError(None, f"no such image file: {p}")
-        if len(paths) == 1 and paths[0].suffix == ".npz":
-            f: IO[bytes] = stack.enter_context(paths[0].open("rb"))
-            return [("file", (paths[0].name, f, "application/octet-stream"))]
-        out: list[tuple[str, Any]] = []
-        for p in paths:
-            f = stack.enter_context(p.open("rb"))
-            out.append(("files", (p.name, f, "image/png")))
-        return out
-
     # --- datasets -------------------------------------------------------------------------
 
     def upload_dataset(self, path: str | Path, *, name: str | None = None) -> DatasetOut:
         """Upload an ``.npz`` with ``images`` (N,H,W or N,C,H,W) and ``labels`` (N,)."""
-        path = Path(path)
-        if not path.is_file():
-            raise DeepscopeError(None, f"no such dataset file: {path}")
-        with path.open("rb") as f:
-            return DatasetOut.model_validate(
-                self._json(
-                    "POST",
-                    "/v1/datasets",
-                    files={"file": (path.name, f, "application/octet-stream")},
-                    data={"name": name} if name else {},
-                )
-            )
+        request = _core.upload_dataset_request(path, name)
+        return DatasetOut.model_validate(self._send(request).json())
 
     def list_datasets(self) -> list[DatasetOut]:
-        """The built-ins and this tenant's uploads."""
-        return DatasetList.model_validate(self._json("GET", "/v1/datasets")).datasets
+        """The built-ins and this tenant's uploads (every page)."""
+        out: list[DatasetOut] = []
+        cursor: str | None = None
+        while True:
+            page = _core.dataset_page(self._send(_core.list_datasets_request(cursor)).json())
+            out += page.items
+            if page.next_cursor is None:
+                return out
+            cursor = page.next_cursor
 
     def delete_dataset(self, dataset: str | DatasetOut) -> None:
-        ident = dataset if isinstance(dataset, str) else dataset.id
-        self._request("DELETE", f"/v1/datasets/{ident}")
+        self._send(Request("DELETE", f"/v1/datasets/{ident(dataset)}"))
 
     # --- jobs -----------------------------------------------------------------------------
 
@@ -370,29 +355,86 @@ class Client:
         analysis: str,
         params: dict[str, Any] | None = None,
         dataset: str | DatasetOut | None = None,
+        *,
+        labels: Mapping[str, str] | None = None,
+        callback_url: str | None = None,
+        idempotency_key: str | None = None,
     ) -> JobOut:
         """Queue an analysis (a result computed before for the same inputs comes back at once,
-        ``cached`` and ``succeeded``)."""
-        body: dict[str, Any] = {"model_id": _id(model), "analysis": analysis}
-        if params:
-            body["params"] = params
-        if dataset is not None:
-            body["dataset"] = dataset if isinstance(dataset, str) else dataset.id
-        return JobOut.model_validate(self._json("POST", "/v1/jobs", json=body))
+        ``cached`` and ``succeeded``).
 
-    def get_job(self, job: str | JobOut) -> JobOut:
-        return JobOut.model_validate(self._json("GET", f"/v1/jobs/{_id(job)}"))
+        ``labels`` tag the job for lists; ``callback_url`` receives the final job, signed,
+        when it ends (its host must be allowed by the deployment). The request carries an
+        Idempotency-Key (``idempotency_key``, else a fresh one per call): a retry after a lost
+        answer, or a rerun of a pipeline step with the same key, returns the same job.
+        """
+        request = _core.submit_request(
+            model,
+            analysis,
+            params,
+            dataset,
+            labels=labels,
+            callback_url=callback_url,
+            idempotency_key=idempotency_key,
+        )
+        return JobOut.model_validate(self._send(request).json())
 
-    def list_jobs(self, *, status: JobStatus | str | None = None, limit: int = 100) -> list[JobOut]:
-        """The newest jobs first (without their results)."""
-        params: dict[str, Any] = {"limit": limit}
-        if status is not None:
-            params["status"] = JobStatus(status).value
-        return JobList.model_validate(self._json("GET", "/v1/jobs", params=params)).jobs
+    def get_job(self, job: str | JobOut, *, wait: float = 0.0) -> JobOut:
+        """The job now; with ``wait``, when it ends or after ``wait`` seconds (≤ 50)."""
+        params = [("wait", f"{wait:g}")] if wait > 0 else None
+        return JobOut.model_validate(self._get(f"/v1/jobs/{ident(job)}", params))
+
+    def list_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        analysis: str | None = None,
+        model_id: str | ModelOut | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int | None = None,
+        cursor: str | None = None,
+    ) -> Page[JobOut]:
+        """One page of jobs, newest first, without their results (iterate it;
+        ``.next_cursor`` for the next page). Filters apply before the limit."""
+        request = _core.list_jobs_request(
+            status=status,
+            analysis=analysis,
+            model_id=model_id,
+            labels=labels,
+            limit=limit,
+            cursor=cursor,
+        )
+        return _core.job_page(self._send(request).json())
+
+    def iter_jobs(
+        self,
+        *,
+        status: JobStatus | str | None = None,
+        analysis: str | None = None,
+        model_id: str | ModelOut | None = None,
+        labels: Mapping[str, str] | None = None,
+        limit: int | None = None,
+    ) -> Iterator[JobOut]:
+        """Every job that matches, page after page (``limit``: the page size)."""
+        cursor: str | None = None
+        while True:
+            page = self.list_jobs(
+                status=status,
+                analysis=analysis,
+                model_id=model_id,
+                labels=labels,
+                limit=limit,
+                cursor=cursor,
+            )
+            yield from page
+            if page.next_cursor is None:
+                return
+            cursor = page.next_cursor
 
     def cancel(self, job: str | JobOut) -> JobOut:
-        """Cancel a queued job or stop a running one (409 when it already finished)."""
-        return JobOut.model_validate(self._json("DELETE", f"/v1/jobs/{_id(job)}"))
+        """Cancel a queued job or stop a running one (409 ``job_finished`` when it already
+        finished)."""
+        return JobOut.model_validate(self._send(Request("DELETE", f"/v1/jobs/{ident(job)}")).json())
 
     def wait(
         self,
@@ -403,122 +445,90 @@ class Client:
         raise_on_failure: bool = True,
         poll: float = 0.05,
     ) -> JobOut:
-        """Poll until the job finished (intervals from ``poll`` growing to 1 s); with
-        ``progress``, a progress bar on stderr.
+        """Wait until the job finished: each request is held by the service until the job
+        ends (long polling, ``GET /v1/jobs/{id}?wait=``: told within a Redis round trip of
+        the end), or a few seconds with ``progress`` (a progress bar on stderr); a service
+        that does not hold requests is polled at intervals from ``poll`` growing to 1 s. A
+        service that stops answering for a while (connection errors, 502/503/504) is polled
+        through for up to ``unreachable_timeout``.
 
         Returns the finished job with its result. DeepscopeError (``.job`` set) when it failed
         or was canceled (unless ``raise_on_failure`` is False), or after ``timeout`` seconds.
         """
-        job_id = _id(job)
-        # A finished job as submit() returned it (a cache hit) needs no request; a listed one
-        # lacks its result.
-        known: JobOut | None = None
-        if isinstance(job, JobOut) and job.status.terminal:
-            known = job if job.result is not None or job.status is not JobStatus.SUCCEEDED else None
-        deadline = None if timeout is None else time.monotonic() + timeout
-        with _progress_bar(progress, job_id, job) as update:
-            for interval in _backoff(poll):
-                current = known if known is not None else self.get_job(job_id)
-                update(current)
-                if current.status.terminal:
-                    break
-                if deadline is not None and time.monotonic() + interval > deadline:
-                    raise DeepscopeError(
-                        None, f"job {job_id} still {current.status.value} after {timeout:g} s"
+        clock = JobWait(
+            job,
+            timeout,
+            poll,
+            self.unreachable_timeout,
+            progress=progress,
+            http_timeout=self._http.timeout.read,
+        )
+        with _core.progress_bar(progress, clock.job_id, job) as update:
+            while True:
+                try:
+                    started = time.monotonic()
+                    current = (
+                        clock.known
+                        if clock.known is not None
+                        else self.get_job(clock.job_id, wait=clock.hold())
                     )
+                except DeepscopeError as exc:
+                    time.sleep(clock.tolerate(exc))
+                    continue
+                update(current)
+                interval = clock.next(current, time.monotonic() - started)
+                if interval is None:
+                    break
                 time.sleep(interval)
-        if raise_on_failure and current.status is not JobStatus.SUCCEEDED:
-            what = current.status.value
-            if current.error is not None:
-                what += f" ({current.error.type}): {current.error.message}"
-            raise DeepscopeError(None, f"job {current.id} {what}", job=current)
+        return clock.outcome(current, raise_on_failure)
+
+    def compare(self, job: str | JobOut, baseline: str | JobOut) -> CompareOut:
+        """Every numeric metric of ``job`` against ``baseline``'s (the same analysis), per
+        layer (matched by name; unmatched layers listed) and for the whole job."""
+        from deepscope.contract.compare import CompareOut
+
+        return CompareOut.model_validate(self._send(_core.compare_request(job, baseline)).json())
+
+    def _finished(self, job: str | JobOut) -> JobOut:
+        """The job with its result (fetched unless given with one)."""
+        current = job if isinstance(job, JobOut) and job.result is not None else self.get_job(job)
+        if current.result is None:
+            raise _core.no_artifacts_error(current)
         return current
 
     def download_artifacts(self, job: str | JobOut, out_dir: str | Path) -> list[Path]:
         """Write the job's ``result.json`` and every artifact under ``out_dir`` (created);
         returns the files written. The job must have succeeded."""
-        current = job if isinstance(job, JobOut) and job.result is not None else self.get_job(job)
-        if current.result is None:
-            raise DeepscopeError(
-                None, f"job {current.id} is {current.status.value}: it has no artifacts"
-            )
+        current = self._finished(job)
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
-        prefix = f"/v1/artifacts/{current.id}/"
         written: list[Path] = []
-        for artifact in current.result.artifacts:
-            if not artifact.url.startswith(prefix):
-                raise DeepscopeError(None, f"unexpected artifact URL {artifact.url!r}")
-            target = _safe_target(out, artifact.url[len(prefix) :])
+        for url, target in _core.artifact_targets(current, out):
             target.parent.mkdir(parents=True, exist_ok=True)
-            self._download(artifact.url, target)
-            written.append(target)
-        result_json = out / "result.json"
-        if result_json not in written:  # jobs whose result has no result.json (predictions)
-            body = current.result.model_dump(mode="json", by_alias=True)
-            result_json.write_text(json.dumps(body, indent=2) + "\n")
-            written.append(result_json)
+            written.append(self._download(Request("GET", url), target))
+        _core.write_result_json(current, out, written)
         return written
 
-    def _download(self, url: str, target: Path) -> None:
-        tmp = target.with_name(f".{target.name}.part")
-        try:
-            with self._http.stream("GET", url) as resp:
-                if resp.status_code >= 400:
-                    resp.read()
-                    try:
-                        detail = str(resp.json()["detail"])
-                    except (ValueError, KeyError, TypeError):
-                        detail = resp.reason_phrase
-                    raise DeepscopeError(resp.status_code, detail)
-                with tmp.open("wb") as f:
-                    for chunk in resp.iter_bytes(_CHUNK):
-                        f.write(chunk)
-            tmp.replace(target)
-        except httpx.TransportError as exc:
-            raise DeepscopeError(None, f"cannot reach {self.url}: {exc}") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+    def download_bundle(self, job: str | JobOut, path: str | Path) -> Path:
+        """One zip of the job's ``result.json``, its artifacts and its self-contained
+        ``report.html``, written to ``path`` (a directory: ``path/<job id>.zip``). The job must
+        have succeeded (409 ``job_not_succeeded`` otherwise)."""
+        target = _core.bundle_target(ident(job), path)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return self._download(Request("GET", f"/v1/jobs/{ident(job)}/bundle"), target)
 
+    def log_to_mlflow(self, job: str | JobOut, *, run_id: str | None = None) -> str:
+        """Log a succeeded job to MLflow: every layer's metrics as
+        ``<analysis>/<layer>/<metric>``, its params, artifacts (under ``deepscope/<job id>/``)
+        and standalone ``report.html``. The run: ``run_id``, else the active run, else
+        ``MLFLOW_RUN_ID``, else a new one (in ``MLFLOW_EXPERIMENT_NAME``) that is ended after.
+        Returns the run's id. Needs ``pip install 'deepscope[mlflow]'``."""
+        from deepscope.client import mlflow as ds_mlflow
 
-def _backoff(start: float, factor: float = 1.5, ceiling: float = 1.0) -> Iterator[float]:
-    """Poll intervals: ``start``, growing by ``factor`` up to ``ceiling`` seconds."""
-    interval = start
-    while True:
-        yield interval
-        interval = min(ceiling, interval * factor)
-
-
-@contextmanager
-def _progress_bar(enabled: bool, job_id: str, job: str | JobOut) -> Iterator[Any]:
-    """``update(job)`` for a rich progress bar on stderr (a no-op when disabled)."""
-    if not enabled:
-        yield lambda _job: None
-        return
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-
-    label = job.analysis if isinstance(job, JobOut) else "job"
-    with Progress(
-        TextColumn("[bold]{task.fields[label]}[/bold] {task.fields[job]}"),
-        BarColumn(),
-        TextColumn("{task.percentage:>3.0f}%"),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[status]}"),
-        console=Console(stderr=True),
-        transient=False,
-    ) as bar:
-        task = bar.add_task("", total=1.0, label=label, job=job_id[:8], status="")
-
-        def update(current: JobOut) -> None:
-            status = current.status.value
-            if current.message and not current.status.terminal:
-                status += f": {current.message}"
-            bar.update(
-                task,
-                completed=current.progress,
-                label=current.analysis,
-                status=status,
-            )
-
-        yield update
+        ds_mlflow.require_mlflow()
+        current = self._finished(job)
+        with tempfile.TemporaryDirectory(prefix="deepscope-mlflow-") as tmp:
+            artifacts = Path(tmp) / "artifacts"
+            self.download_artifacts(current, artifacts)
+            report = self.report_html(current, standalone=True)
+            return ds_mlflow.log_job(current, artifacts, report, run_id=run_id)

@@ -6,7 +6,6 @@ workers build it, the service stores and serves it, and the SDK, the CLI and the
 from deepscope.contract.api import (
     DatasetList,
     DatasetOut,
-    ErrorOut,
     HealthOut,
     JobIn,
     JobList,
@@ -15,8 +14,19 @@ from deepscope.contract.api import (
     ModelList,
     ModelOut,
     PredictOut,
+    ProblemFieldError,
+    ProblemOut,
     ReadyOut,
 )
+from deepscope.contract.compare import (
+    AnalysisMismatchError,
+    CompareOut,
+    LayerDiff,
+    MetricDiff,
+    NotComparableError,
+    compare_results,
+)
+from deepscope.contract.errors import ProblemType
 from deepscope.contract.result import (
     Artifact,
     GeneratedPrediction,
@@ -33,10 +43,11 @@ from deepscope.contract.status import JobError, JobStatus, LayerInfo, ModelStatu
 from deepscope.contract.tables import Table, fmt
 
 __all__ = [
+    "AnalysisMismatchError",
     "Artifact",
+    "CompareOut",
     "DatasetList",
     "DatasetOut",
-    "ErrorOut",
     "GeneratedPrediction",
     "GeneratedPredictions",
     "HealthOut",
@@ -45,20 +56,27 @@ __all__ = [
     "JobList",
     "JobOut",
     "JobStatus",
+    "LayerDiff",
     "LayerInfo",
     "LayerValues",
     "LinkOut",
+    "MetricDiff",
     "Metrics",
     "ModelInfo",
     "ModelList",
     "ModelOut",
     "ModelStatus",
+    "NotComparableError",
     "PredictMetrics",
     "PredictOut",
     "Prediction",
+    "ProblemFieldError",
+    "ProblemOut",
+    "ProblemType",
     "ReadyOut",
     "Result",
     "Table",
     "TopK",
+    "compare_results",
     "fmt",
 ]

@@ -7,35 +7,109 @@ every registered analysis's params and metrics as a union discriminated by ``ana
 
 from __future__ import annotations
 
+import re
 from datetime import datetime
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from deepscope.contract.result import Prediction, Result
 from deepscope.contract.status import JobError, JobStatus, LayerInfo, ModelStatus
 from deepscope.manifest import ModelFormat, TrainingInfo
 
 __all__ = [
+    "LABEL_KEY",
+    "MAX_LABELS",
     "DatasetList",
     "DatasetOut",
-    "ErrorOut",
     "HealthOut",
     "JobIn",
     "JobList",
     "JobOut",
+    "Labels",
     "LinkOut",
     "ModelList",
     "ModelOut",
     "PredictOut",
+    "ProblemFieldError",
+    "ProblemInfoOut",
+    "ProblemOut",
     "ReadyOut",
+    "check_labels",
+]
+
+#: At most this many labels on a model or a job.
+MAX_LABELS = 16
+#: A label's key: a letter or digit, then up to 62 letters, digits and ``._/-``.
+LABEL_KEY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,62}")
+_LABEL_VALUE_MAX = 256
+
+
+def check_labels(labels: dict[str, str]) -> dict[str, str]:
+    """``labels`` if they are valid (≤ 16; keys match :data:`LABEL_KEY`; values ≤ 256 printable
+    characters); ValueError naming the first problem otherwise."""
+    if len(labels) > MAX_LABELS:
+        raise ValueError(f"at most {MAX_LABELS} labels, got {len(labels)}")
+    for key, value in labels.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key!r} must be 1-63 letters, digits or ._/- starting with a "
+                "letter or digit"
+            )
+        if len(value) > _LABEL_VALUE_MAX or not value.isprintable():
+            raise ValueError(
+                f"label {key!r}: the value must be at most {_LABEL_VALUE_MAX} printable characters"
+            )
+    return labels
+
+
+#: Labels on a model or a job (git SHA, branch, run id): lists filter by them.
+Labels = Annotated[
+    dict[str, str],
+    AfterValidator(check_labels),
+    Field(
+        description=f"at most {MAX_LABELS}; key: [A-Za-z0-9][A-Za-z0-9._/-]{{0,62}}, value: at "
+        f"most {_LABEL_VALUE_MAX} printable characters",
+        examples=[{"git_sha": "3f2a9c1", "branch": "main"}],
+    ),
 ]
 
 
-class ErrorOut(BaseModel):
-    """Every error: one readable line."""
+class ProblemFieldError(BaseModel):
+    """One invalid field of a 422 ``invalid_params``."""
 
-    detail: str = Field(examples=["model 3f2a... not found"])
+    loc: list[str | int] = Field(description="where: body, query, path, then the field names")
+    msg: str
+    type: str = Field(description="pydantic's error type, e.g. missing, greater_than_equal")
+
+
+class ProblemOut(BaseModel):
+    """Every error (``application/problem+json``, RFC 9457): ``type`` says which kind, stably;
+    ``detail`` is one readable line."""
+
+    model_config = ConfigDict(extra="allow")
+
+    type: str = Field(
+        description="/v1/problems/<slug>; GET it for a description",
+        examples=["/v1/problems/model_not_ready"],
+    )
+    title: str = Field(examples=["Model not ready"])
+    status: int = Field(examples=[409])
+    detail: str = Field(examples=["model 3f2a... is still validating; retry when it is ready"])
+    instance: str = Field(description="the request's path", examples=["/v1/jobs"])
+    errors: list[ProblemFieldError] | None = Field(
+        default=None, description="invalid_params: every invalid field"
+    )
+
+
+class ProblemInfoOut(BaseModel):
+    """What one problem type means (``GET /v1/problems/<slug>``)."""
+
+    type: str = Field(examples=["/v1/problems/quota_exceeded"])
+    slug: str = Field(examples=["quota_exceeded"])
+    title: str
+    status: list[int] = Field(description="the HTTP statuses it comes with")
+    description: str
 
 
 class ModelOut(BaseModel):
@@ -58,10 +132,14 @@ class ModelOut(BaseModel):
     training: TrainingInfo | None = Field(
         default=None, description="how the weights were trained, from the manifest"
     )
+    labels: dict[str, str] = Field(default_factory=dict)
 
 
 class ModelList(BaseModel):
     models: list[ModelOut]
+    next_cursor: str | None = Field(
+        default=None, description="pass as cursor for the next page; None on the last"
+    )
 
 
 class DatasetOut(BaseModel):
@@ -78,6 +156,9 @@ class DatasetOut(BaseModel):
 
 class DatasetList(BaseModel):
     datasets: list[DatasetOut]
+    next_cursor: str | None = Field(
+        default=None, description="pass as cursor for the next page; None on the last"
+    )
 
 
 class JobIn(BaseModel):
@@ -93,6 +174,15 @@ class JobIn(BaseModel):
         default=None,
         description="digits, fashion-mnist or a dataset id; default: the dataset the model's "
         "manifest says it was trained on, when that is a built-in",
+    )
+    labels: Labels = Field(default_factory=dict)
+    callback_url: str | None = Field(
+        default=None,
+        max_length=2048,
+        description="http(s) URL to POST the final job to when it ends (signed with the "
+        "tenant's key: Deepscope-Signature); its host must be in the deployment's "
+        "DEEPSCOPE_CALLBACK_HOSTS",
+        examples=["https://ci.example.com/hooks/deepscope"],
     )
 
 
@@ -115,10 +205,17 @@ class JobOut(BaseModel):
     finished_at: datetime | None
     result: Result | None = None
     error: JobError | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    callback_url: str | None = Field(
+        default=None, description="where the final job is POSTed when it ends"
+    )
 
 
 class JobList(BaseModel):
     jobs: list[JobOut]
+    next_cursor: str | None = Field(
+        default=None, description="pass as cursor for the next page; None on the last"
+    )
 
 
 class PredictOut(BaseModel):

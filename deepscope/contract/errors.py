@@ -1,5 +1,6 @@
 """Error texts for people: one formatter of validation errors for the API, the CLI and the
-workers, and one line from any exception."""
+workers, and one line from any exception; and the stable kinds of HTTP errors
+(:class:`ProblemType`, the ``type`` of an RFC 9457 problem body)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,180 @@ import re
 import sys
 import tempfile
 from collections.abc import Iterable, Mapping
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
 
-__all__ = ["add_private_root", "describe_errors", "public_text", "user_message"]
+__all__ = [
+    "PROBLEM_PREFIX",
+    "ProblemType",
+    "add_private_root",
+    "describe_errors",
+    "problem_info",
+    "problem_slug",
+    "public_text",
+    "user_message",
+]
+
+#: Where problem types live: a problem body's ``type`` is this prefix and the slug.
+PROBLEM_PREFIX = "/v1/problems/"
+
+
+class ProblemType(StrEnum):
+    """The stable kinds of error the API answers (the slug of a problem body's ``type``,
+    ``/v1/problems/<slug>``): a script tells errors apart by these, never by their text."""
+
+    UNAUTHORIZED = "unauthorized"
+    NOT_FOUND = "not_found"
+    MODEL_NOT_READY = "model_not_ready"
+    MODEL_INVALID = "model_invalid"
+    JOB_FINISHED = "job_finished"
+    QUOTA_EXCEEDED = "quota_exceeded"
+    BUILTIN_DATASET = "builtin_dataset"
+    IDEMPOTENCY_CONFLICT = "idempotency_conflict"
+    IDEMPOTENCY_IN_PROGRESS = "idempotency_in_progress"
+    ANALYSIS_MISMATCH = "analysis_mismatch"
+    JOB_NOT_SUCCEEDED = "job_not_succeeded"
+    INVALID_PARAMS = "invalid_params"
+    INVALID_UPLOAD = "invalid_upload"
+    PAYLOAD_TOO_LARGE = "payload_too_large"
+    QUEUE_FULL = "queue_full"
+    CALLBACK_NOT_ALLOWED = "callback_not_allowed"
+    SERVICE_UNAVAILABLE = "service_unavailable"
+    INTERNAL = "internal"
+
+
+#: Each problem type: (title, the HTTP statuses it comes with, what it means and what to do).
+_PROBLEMS: dict[ProblemType, tuple[str, tuple[int, ...], str]] = {
+    ProblemType.UNAUTHORIZED: (
+        "Unauthorized",
+        (401,),
+        "The API key is missing or wrong, or a signed link expired or does not cover this "
+        "page. Send Authorization: Bearer KEY.",
+    ),
+    ProblemType.NOT_FOUND: (
+        "Not found",
+        (404,),
+        "No such object for this tenant (another tenant's objects read as missing).",
+    ),
+    ProblemType.MODEL_NOT_READY: (
+        "Model not ready",
+        (409,),
+        "The model is still being validated by a worker; retry when its status is ready.",
+    ),
+    ProblemType.MODEL_INVALID: (
+        "Model invalid",
+        (409,),
+        "The model failed validation (its error says why); upload a corrected one.",
+    ),
+    ProblemType.JOB_FINISHED: (
+        "Job finished",
+        (409,),
+        "The job already ended, so it cannot be canceled.",
+    ),
+    ProblemType.QUOTA_EXCEEDED: (
+        "Quota exceeded",
+        (409,),
+        "The tenant has as many models or datasets as the deployment allows; delete one.",
+    ),
+    ProblemType.BUILTIN_DATASET: (
+        "Built-in dataset",
+        (409,),
+        "A built-in dataset (digits, fashion-mnist) belongs to every tenant and cannot be deleted.",
+    ),
+    ProblemType.IDEMPOTENCY_CONFLICT: (
+        "Idempotency key reused",
+        (409,),
+        "This Idempotency-Key was used with another request; use a new key per request.",
+    ),
+    ProblemType.IDEMPOTENCY_IN_PROGRESS: (
+        "Request in progress",
+        (409,),
+        "A request with this Idempotency-Key is still being processed; retry after "
+        "Retry-After seconds.",
+    ),
+    ProblemType.ANALYSIS_MISMATCH: (
+        "Analyses differ",
+        (422,),
+        "Only two jobs of the same analysis can be compared.",
+    ),
+    ProblemType.JOB_NOT_SUCCEEDED: (
+        "Job not succeeded",
+        (409,),
+        "The job has no result (yet): it is queued, running, failed or canceled.",
+    ),
+    ProblemType.INVALID_PARAMS: (
+        "Invalid parameters",
+        (422,),
+        "A field of the body, the path or the query is invalid; errors lists each one "
+        "(loc, msg, type).",
+    ),
+    ProblemType.INVALID_UPLOAD: (
+        "Invalid upload",
+        (400, 422),
+        "The request body is not a well-formed multipart upload, or a file, manifest or .npz "
+        "in it is not what it should be.",
+    ),
+    ProblemType.PAYLOAD_TOO_LARGE: (
+        "Payload too large",
+        (413,),
+        "The upload, or the images in it, exceed a limit of this deployment.",
+    ),
+    ProblemType.QUEUE_FULL: (
+        "Queue full",
+        (429,),
+        "Too many of the tenant's jobs wait already; retry after Retry-After seconds.",
+    ),
+    ProblemType.CALLBACK_NOT_ALLOWED: (
+        "Callback not allowed",
+        (422,),
+        "The callback_url is not http(s), or its host is not in the deployment's allowed list "
+        "(DEEPSCOPE_CALLBACK_HOSTS).",
+    ),
+    ProblemType.SERVICE_UNAVAILABLE: (
+        "Service unavailable",
+        (503,),
+        "The job store (Redis) is unreachable; retry later.",
+    ),
+    ProblemType.INTERNAL: (
+        "Internal error",
+        (500,),
+        "An unexpected error on the server; it is logged.",
+    ),
+}
+
+#: The problem type a bare HTTP status stands for, when the raiser named none.
+_BY_STATUS: dict[int, ProblemType] = {
+    400: ProblemType.INVALID_UPLOAD,
+    401: ProblemType.UNAUTHORIZED,
+    403: ProblemType.UNAUTHORIZED,
+    404: ProblemType.NOT_FOUND,
+    413: ProblemType.PAYLOAD_TOO_LARGE,
+    422: ProblemType.INVALID_PARAMS,
+    429: ProblemType.QUEUE_FULL,
+    503: ProblemType.SERVICE_UNAVAILABLE,
+}
+
+
+def problem_slug(status: int) -> str:
+    """The slug for an error raised with a status only (an HTTPException of a library, or one
+    without a more precise kind): the status's usual kind, else ``internal`` for 5xx and
+    ``http_<status>`` otherwise."""
+    known = _BY_STATUS.get(status)
+    if known is not None:
+        return known.value
+    return ProblemType.INTERNAL.value if status >= 500 else f"http_{status}"
+
+
+def problem_info(slug: str) -> tuple[str, tuple[int, ...], str] | None:
+    """(title, statuses, description) of a known problem type; None otherwise."""
+    try:
+        return _PROBLEMS[ProblemType(slug)]
+    except ValueError:
+        return None
+
 
 #: An object's default repr, ``<_io.BytesIO object at 0x7f...>``: noise, and an address.
 _REPR = re.compile(r"<([^<>]*?) at 0x[0-9a-fA-F]+>")

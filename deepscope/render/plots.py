@@ -45,6 +45,9 @@ class SpectrumLine:
     ``values`` (k,) are σ at the 0-based positions ``indices`` (k,) of the full descending
     spectrum of ``count`` values, so it is drawn at x = (index + 1) / count.
     ``condition_number`` is σ₁/σₙ; None or inf when unbounded (σₙ = 0).
+    ``partial``: only some values are known (e.g. the largest and smallest of an operator), so
+    the line joins consecutive indices only and each known value gets a dot: a gap is not
+    bridged by a line that would suggest values nobody computed.
     """
 
     name: str
@@ -52,6 +55,7 @@ class SpectrumLine:
     values: np.ndarray
     count: int
     condition_number: float | None
+    partial: bool = False
 
     def __post_init__(self) -> None:
         indices = np.asarray(self.indices, dtype=np.int64).reshape(-1)
@@ -399,9 +403,15 @@ def spectra_figure(
         log_r = np.full(rs.shape, floor)
         np.log10(rs, out=log_r, where=rs > 0)
         xy = left.points(xs, log_r)
-        if len(xy) >= 4:
-            draw.line(xy, fill=colours[k], width=line_width, joint="curve")
-        if rs.size <= _DOTS_MAX:
+        runs = [xy]
+        if layers[k].partial:
+            # Break the line wherever indices skip (two points per index in xy).
+            cuts = (np.flatnonzero(np.diff(layers[k].indices) > 1) + 1) * 2
+            runs = [xy[a:b] for a, b in zip([0, *cuts], [*cuts, len(xy)], strict=True)]
+        for run in runs:
+            if len(run) >= 4:
+                draw.line(run, fill=colours[k], width=line_width, joint="curve")
+        if rs.size <= _DOTS_MAX or layers[k].partial:
             for px, py in zip(xy[::2], xy[1::2], strict=True):
                 qx, qy = round(px), round(py)
                 draw.ellipse((qx - 3, qy - 3, qx + 3, qy + 3), fill=colours[k])

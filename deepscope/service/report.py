@@ -27,11 +27,12 @@ from typing import Any
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from markupsafe import Markup
 
-from deepscope.contract import Artifact, JobOut, ModelOut
+from deepscope.contract import Artifact, CompareOut, JobOut, ModelOut
 from deepscope.contract.tables import Table, fmt
 
 __all__ = [
     "CHART_SCRIPTS",
+    "COMPARE_SCRIPTS",
     "HTML_HEADERS",
     "PROFILE_POINTS",
     "Figure",
@@ -39,6 +40,8 @@ __all__ = [
     "StandaloneAssets",
     "chart_css",
     "chart_data",
+    "compare_chart_data",
+    "compare_table",
     "data_uri",
     "downloads",
     "figures",
@@ -159,11 +162,14 @@ PROFILE_POINTS = 256
 
 #: The scripts of a report with charts, in the order they must run (report.js needs uPlot).
 CHART_SCRIPTS = ("uplot.iife.min.js", "report.js")
+#: What a report compared with a baseline adds (after :data:`CHART_SCRIPTS`).
+COMPARE_SCRIPTS = ("compare.js",)
 
 #: What ``static/`` holds for pages: the only names the API serves from it.
 _STATIC_MEDIA = {
     "ui.js": "text/javascript",
     "report.js": "text/javascript",
+    "compare.js": "text/javascript",
     "uplot.iife.min.js": "text/javascript",
     "uplot.min.css": "text/css",
 }
@@ -257,6 +263,105 @@ def chart_data(metrics: dict[str, Any]) -> dict[str, Any] | None:
             }
         )
     return {"layers": drawn} if drawn else None
+
+
+def _ratio(job: dict[str, Any], base: dict[str, Any]) -> dict[str, list[float | None]]:
+    """σᵢ(job) / σ(baseline) at the job's profile points, against the relative index
+    ``(i + 1) / count``. Where the two layers have as many singular values the indices pair up
+    exactly; otherwise the baseline's log σ is interpolated linearly in the relative index (a
+    reshaped layer is still compared along its spectrum). Zeros have no ratio (None)."""
+    bx = [(i + 1) / base["count"] for i in base["profile"]["indices"]]
+    by = base["profile"]["values"]
+    xs: list[float | None] = []
+    ratios: list[float | None] = []
+    for i, v in zip(job["profile"]["indices"], job["profile"]["values"], strict=True):
+        x = (i + 1) / job["count"]
+        # The baseline's value at x: the segment of bx around x (clamped at both ends).
+        k = next((j for j, b in enumerate(bx) if b >= x), len(bx) - 1)
+        if k == 0 or bx[k] <= x:
+            ref = by[k]
+        else:
+            lo, hi = by[k - 1], by[k]
+            if lo is None or hi is None or lo <= 0 or hi <= 0:
+                ref = None
+            else:
+                t = (x - bx[k - 1]) / (bx[k] - bx[k - 1])
+                ref = math.exp(math.log(lo) + t * (math.log(hi) - math.log(lo)))
+        xs.append(float(f"{x:.6g}"))
+        ok = v is not None and ref is not None and v > 0 and ref > 0
+        ratios.append(_short(v / ref) if ok else None)
+    return {"x": xs, "ratio": ratios}
+
+
+def compare_chart_data(
+    metrics: dict[str, Any], baseline: dict[str, Any], baseline_id: str
+) -> dict[str, Any] | None:
+    """What ``static/compare.js`` draws: for each layer both results have a spectrum of
+    (matched by name, in the job's order), both spectra (:func:`spectrum_of`) and their ratio
+    σᵢ/σᵢ(baseline) (:func:`_ratio`). None when no layer has both."""
+    mine, theirs = chart_data(metrics), chart_data(baseline)
+    if mine is None or theirs is None:
+        return None
+    by_name = {layer["name"]: layer for layer in theirs["layers"]}
+    layers = []
+    for layer in mine["layers"]:
+        other = by_name.get(layer["name"])
+        if other is None:
+            continue
+        layers.append(
+            {
+                "name": layer["name"],
+                "job": layer["spectrum"],
+                "baseline": other["spectrum"],
+                "condition_number": layer["condition_number"],
+                "baseline_condition_number": other["condition_number"],
+                "difference": _ratio(layer["spectrum"], other["spectrum"]),
+            }
+        )
+    return {"baseline_id": baseline_id, "layers": layers} if layers else None
+
+
+def _change(value: float | None) -> str:
+    return "—" if value is None else f"{value:+.1%}"
+
+
+def compare_table(diff: CompareOut) -> Table:
+    """The comparison as a table for people: one row per layer and metric, then job-level
+    metrics; layers on one side only are named in the note."""
+    rows = [
+        [
+            d.layer,
+            name.replace("_", " "),
+            fmt(m.value),
+            fmt(m.baseline),
+            fmt(m.difference),
+            _change(m.relative_change),
+        ]
+        for d in diff.layers
+        for name, m in d.metrics.items()
+    ]
+    rows += [
+        [
+            "(job)",
+            name.replace("_", " "),
+            fmt(m.value),
+            fmt(m.baseline),
+            fmt(m.difference),
+            _change(m.relative_change),
+        ]
+        for name, m in diff.metrics.items()
+    ]
+    notes = ["change = (this job − baseline) / |baseline|; — where either is ∞ or the baseline 0"]
+    if diff.only_in_job:
+        notes.append("only in this job: " + ", ".join(diff.only_in_job))
+    if diff.only_in_baseline:
+        notes.append("only in the baseline: " + ", ".join(diff.only_in_baseline))
+    return Table(
+        f"Compared with baseline {diff.baseline_id}",
+        ["layer", "metric", "this job", "baseline", "difference", "change"],
+        rows,
+        "; ".join(notes),
+    )
 
 
 _SCRIPT_UNSAFE = str.maketrans(

@@ -35,6 +35,7 @@ def model_out(rec: ModelRecord) -> ModelOut:
         validated_at=rec.validated_at,
         demo=rec.demo,
         training=rec.manifest.training,
+        labels=rec.labels,
     )
 
 
@@ -82,4 +83,6 @@ def job_out(
         finished_at=rec.finished_at,
         result=result_out,
         error=rec.error,
+        labels=rec.labels,
+        callback_url=rec.callback_url,
     )

@@ -9,6 +9,7 @@ enforces the limit as the bytes arrive.
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -224,9 +225,10 @@ def multipart_body(
 
 def sweep_orphans(backend: Backend, tmp_dir: Path, max_age_s: float) -> tuple[int, int]:
     """Delete what uploads that never finished left behind, once older than ``max_age_s``:
-    temporary upload files in ``tmp_dir`` (a process killed mid-request) and stored blobs no
-    model or dataset references (killed between storing and registering). Run when the API
-    starts; logs and swallows its errors. → (temporary files, blobs) deleted."""
+    temporary upload files in ``tmp_dir`` (a process killed mid-request), the directories of
+    job runs killed before they published (local storage) and stored blobs no model or dataset
+    references (killed between storing and registering). Run when the API starts; logs and
+    swallows its errors. → (temporary files and run directories, blobs) deleted."""
     cutoff = time.time() - max_age_s
     files = 0
     try:
@@ -237,10 +239,18 @@ def sweep_orphans(backend: Backend, tmp_dir: Path, max_age_s: float) -> tuple[in
                     files += 1
             except FileNotFoundError:
                 continue
+        artifacts = backend.storage.local_path("artifacts")
+        for path in artifacts.glob("*/.*.run-*") if artifacts is not None else ():
+            try:
+                if path.is_dir() and path.stat().st_mtime < cutoff:
+                    shutil.rmtree(path, ignore_errors=True)
+                    files += 1
+            except FileNotFoundError:
+                continue
         blobs = len(backend.sweep_blobs(max_age_s))
     except Exception:
         log.exception("sweeping orphaned uploads failed")
         return files, 0
     if files or blobs:
-        log.warning("swept %d temporary upload file(s) and %d orphaned blob(s)", files, blobs)
+        log.warning("swept %d temporary file(s) and %d orphaned blob(s)", files, blobs)
     return files, blobs

@@ -14,6 +14,7 @@ import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 from pydantic import BaseModel
@@ -55,6 +56,7 @@ __all__ = [
     "Backend",
     "JobConflictError",
     "QuotaExceededError",
+    "Submission",
     "error_from_rq",
     "manifest_sha256",
 ]
@@ -99,6 +101,14 @@ def error_from_rq(state: RQState) -> JobError:
 #: Seconds a ready model's record is reused by :meth:`Backend.model_for_job`, and how many.
 _READY_CACHE_S = 2.0
 _READY_CACHE_SIZE = 1024
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A submitted job's record, with its result when the cache answered it at once."""
+
+    record: JobRecord
+    result: dict[str, Any] | None = None
 
 
 class Backend:
@@ -190,6 +200,7 @@ class Backend:
         name: str | None = None,
         demo: bool = False,
         validate: bool = True,
+        labels: dict[str, str] | None = None,
     ) -> ModelRecord:
         """Record an uploaded model (status ``validating``) and queue its validation."""
         rec = ModelRecord(
@@ -203,6 +214,7 @@ class Backend:
             manifest_sha256=manifest_sha256(manifest),
             input_shape=list(manifest.input_shape) if manifest.input_shape else None,
             demo=demo,
+            labels=labels or {},
         )
         limit = None if demo else self.settings.max_models_per_tenant
         if not self.records.put_model(rec, limit=limit):
@@ -297,10 +309,15 @@ class Backend:
         analysis: str,
         params: BaseModel,
         dataset: str | None,
-    ) -> JobRecord:
+        *,
+        labels: dict[str, str] | None = None,
+        callback_url: str | None = None,
+    ) -> Submission:
         """Queue an analysis, or answer it from the result cache at once (``cached: true``).
 
         ``params`` is the validated params model (its defaults are part of the cache key).
+        ``callback_url`` (checked by the caller) receives the job when it ends, a cache hit
+        included (:mod:`deepscope.store.webhooks`).
         """
         params_json: dict[str, Any] = params.model_dump(mode="json", exclude={"analysis"})
         key = cache_key(
@@ -319,28 +336,39 @@ class Backend:
             "model_sha256": model.sha256,
             "dataset": dataset,
             "cache_key": key,
+            "labels": labels or {},
+            "callback_url": callback_url,
         }
-        hit = self._cache_hit(tenant, key)
+        # One round trip for the cache lookup and the tenant's admission (the submission path
+        # is the API's hottest): a cached answer takes no slot.
+        job_id = new_id()
+        admitted, hit_id = fairness.admit_unless_cached(
+            self.redis, self.settings, tenant, job_id, self.records.cache_name(tenant, key)
+        )
+        hit = None if hit_id is None else self._cache_source(tenant, key, hit_id)
+        if hit_id is not None and hit is None:
+            admitted = fairness.admit(self.redis, self.settings, tenant, job_id)
         if hit is not None:
+            source, result = hit
             now = utcnow()
             rec = JobRecord(
-                id=new_id(),
+                id=job_id,
                 status=JobStatus.SUCCEEDED,
                 progress=1.0,
                 cached=True,
-                source_job=hit.source_job or hit.id,
+                source_job=source.source_job or source.id,
                 started_at=now,
                 finished_at=now,
                 **common,
             )
             self.records.put_job(rec)
-            return rec
+            return Submission(rec, result)
         queue = lifecycle.queue_for(
             self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback
         )
-        rec = JobRecord(id=new_id(), queue=queue, **common)
+        rec = JobRecord(id=job_id, queue=queue, **common)
         rec.source_job = rec.id
-        if not fairness.admit(self.redis, self.settings, tenant, rec.id):
+        if not admitted:
             # The tenant's share of the queues is in use: the job waits its turn, and is
             # queued when one of the tenant's jobs ends (fairness.release).
             ahead = fairness.waiting(self.redis, tenant)
@@ -354,7 +382,7 @@ class Backend:
             # A slot held by a job that ended without releasing it (its process died) is
             # taken back here rather than only by the reaper.
             fairness.repair(self.redis, self.settings, tenants=[tenant])
-            return self.records.get_job(rec.id) or rec
+            return Submission(self.records.get_job(rec.id) or rec)
         # The record and the queue entry in one transaction: one round trip, and never one
         # without the other.
         with self.redis.pipeline() as pipe:
@@ -372,21 +400,20 @@ class Backend:
                 pipeline=pipe,
             )
             pipe.execute()
-        return rec
+        return Submission(rec)
 
-    def _cache_hit(self, tenant: str, key: str) -> JobRecord | None:
-        job_id = self.records.cache_get(tenant, key)
-        if job_id is None:
-            return None
-        src = self.records.get_job(job_id, tenant)
-        if (
-            src is None
-            or src.status is not JobStatus.SUCCEEDED
-            or self.records.get_result(src.source_job or src.id) is None
-        ):
+    def _cache_source(
+        self, tenant: str, key: str, job_id: str
+    ) -> tuple[JobRecord, dict[str, Any]] | None:
+        """The succeeded job the cache names for ``key`` and its result, if that still exists
+        (else the entry is dropped). The cache names jobs that computed their result."""
+        src, result = self.records.job_and_result(job_id, tenant)
+        if src is not None and src.source_job not in (None, src.id):
+            result = self.records.get_result(src.source_job)
+        if src is None or src.status is not JobStatus.SUCCEEDED or result is None:
             self.records.cache_drop(tenant, key)
             return None
-        return src
+        return src, result
 
     def submit_predict(
         self, tenant: str, model: ModelRecord, params: dict[str, Any], *, urgent: bool

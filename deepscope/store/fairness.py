@@ -31,6 +31,7 @@ from deepscope.store.records import JobRecord, Records
 __all__ = [
     "QueueFullError",
     "admit",
+    "admit_unless_cached",
     "is_waiting",
     "queue_job",
     "release",
@@ -61,8 +62,23 @@ end
 return 0
 """
 
-# KEYS: active, pending. ARGV: running limit. → the ids moved from waiting to active.
+# The same, after a look in the result cache (KEYS[4]): a cached answer is returned as
+# {2, job id} and takes no slot; else {1}, {0} or {-1} as _ADMIT.
+_ADMIT_UNLESS_CACHED = """
+local hit = redis.call('GET', KEYS[4])
+if hit then
+  return {2, hit}
+end
+""" + _ADMIT.replace("return 1", "return {1}").replace("return -1", "return {-1}").replace(
+    "return 0", "return {0}"
+)
+
+# KEYS: active, pending. ARGV: running limit[, an id to free first]. → the ids moved from
+# waiting to active.
 _PROMOTE = """
+if ARGV[2] then
+  redis.call('SREM', KEYS[1], ARGV[2])
+end
 local moved = {}
 while redis.call('SCARD', KEYS[1]) < tonumber(ARGV[1]) do
   local id = redis.call('LPOP', KEYS[2])
@@ -115,6 +131,25 @@ def admit(redis: Redis, settings: Settings, tenant: str, job_id: str) -> bool:
     return outcome == 1
 
 
+def admit_unless_cached(
+    redis: Redis, settings: Settings, tenant: str, job_id: str, cache_name: str
+) -> tuple[bool, str | None]:
+    """:func:`admit`, unless the result-cache entry ``cache_name`` exists: one round trip.
+
+    → ``(False, the cached job's id)`` when it exists (no slot is taken), else ``(admitted,
+    None)``. QueueFullError when the job would wait and the waiting list is full."""
+    outcome = _script(redis, _ADMIT_UNLESS_CACHED)(
+        keys=[_ACTIVE.format(tenant), _PENDING.format(tenant), _TENANTS, cache_name],
+        args=[job_id, tenant, settings.tenant_running_jobs, settings.tenant_queued_jobs],
+    )
+    code = int(outcome[0])
+    if code == 2:
+        return False, _text(outcome[1])
+    if code < 0:
+        raise QueueFullError(settings.tenant_queued_jobs, retry_after_s=10)
+    return code == 1, None
+
+
 def wait_turn(redis: Redis, settings: Settings, tenant: str, job_id: str) -> list[str]:
     """Put ``job_id`` (its record written) at the end of the tenant's waiting list, and queue
     whatever may run now (a slot may have freed meanwhile). → ids queued."""
@@ -148,17 +183,23 @@ def queue_job(redis: Redis, settings: Settings, rec: JobRecord) -> None:
 
 def release(redis: Redis, settings: Settings, tenant: str, job_id: str) -> list[str]:
     """``job_id`` ended (or will not run): free its slot and queue what waits. → ids queued."""
-    redis.srem(_ACTIVE.format(tenant), job_id)
-    return _promote(redis, settings, tenant)
+    return _promote(redis, settings, tenant, freeing=job_id)
 
 
-def _promote(redis: Redis, settings: Settings, tenant: str) -> list[str]:
+def _promote(
+    redis: Redis, settings: Settings, tenant: str, *, freeing: str | None = None
+) -> list[str]:
+    """Queue the tenant's waiting jobs while it has free slots (after freeing ``freeing``'s,
+    in the same script: one round trip when nothing waits). → ids queued."""
     records = Records(redis)
     queued: list[str] = []
     while True:
+        args: list[str | int] = [settings.tenant_running_jobs]
+        if freeing is not None:
+            args.append(freeing)
+            freeing = None
         moved = _script(redis, _PROMOTE)(
-            keys=[_ACTIVE.format(tenant), _PENDING.format(tenant)],
-            args=[settings.tenant_running_jobs],
+            keys=[_ACTIVE.format(tenant), _PENDING.format(tenant)], args=args
         )
         if not moved:
             return queued

@@ -98,9 +98,9 @@ def queue_for(redis: Redis, analysis: str, *, gpu_fallback: bool) -> str:
     return QueueName.GPU.value
 
 
-def start(records: Records, job_id: str) -> JobRecord | None:
-    """queued → running, by the worker that took it. None when the job is not queued (canceled
-    meanwhile, or another run took it)."""
+def start(records: Records, job_id: str, message: str | None = None) -> JobRecord | None:
+    """queued → running, by the worker that took it, saying what it does first (``message``).
+    None when the job is not queued (canceled meanwhile, or another run took it)."""
 
     def change(current: JobRecord) -> JobRecord | None:
         if current.status is not JobStatus.QUEUED or current.cancel_requested:
@@ -108,6 +108,7 @@ def start(records: Records, job_id: str) -> JobRecord | None:
         _move(current, JobStatus.RUNNING)
         current.started_at = utcnow()
         current.progress = 0.0
+        current.message = message
         return current
 
     rec = records.update_job(job_id, change)

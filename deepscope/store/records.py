@@ -3,7 +3,10 @@
 Keys (``ds:`` prefix): ``model:{id}``, ``dataset:{id}``, ``job:{id}``, ``result:{id}`` (a job's
 result, apart from the record so that listings stay small), per-tenant sorted sets
 ``models:{tenant}`` / ``datasets:{tenant}`` / ``jobs:{tenant}`` (score: creation time),
-``cache:{tenant}:{key}`` (result cache → job id), ``blobrefs:{sha}`` (models and datasets that
+``cache:{tenant}:{key}`` (result cache → job id), ``models_by_content:{tenant}`` (a hash:
+``{file sha256}:{manifest sha256}`` → model id, for deduplicating uploads),
+``idem:{tenant}:{route}:{sha256 of the key}`` (an Idempotency-Key's request hash and object id,
+for its TTL), ``blobrefs:{sha}`` (models and datasets that
 use a blob, and ``pending:{time}:{id}`` while an upload is being registered), ``archs``
 (architecture names the workers know), and the job statistics that
 ``/metrics`` exports (``stats:jobs``, ``stats:job_seconds``: hashes updated in the same
@@ -13,6 +16,8 @@ carries its tenant and a lookup for another tenant is a miss.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import bisect
 import hashlib
 import json
@@ -29,16 +34,22 @@ from redis.exceptions import WatchError
 
 from deepscope.contract.status import JobError, JobStatus, LayerInfo, ModelStatus
 from deepscope.manifest import Manifest, ModelFormat
+from deepscope.store.webhooks import enqueue_delivery
 
 __all__ = [
     "DURATION_BUCKETS",
+    "CursorError",
     "DatasetRecord",
+    "IdempotencyEntry",
     "JobRecord",
     "ModelRecord",
     "Records",
     "cache_key",
     "canonical_json",
+    "decode_cursor",
+    "encode_cursor",
     "is_id",
+    "job_done_channel",
     "job_stats",
     "new_id",
     "utcnow",
@@ -63,6 +74,29 @@ def _text(value: object) -> str:
 
 def new_id() -> str:
     return uuid.uuid4().hex
+
+
+class CursorError(ValueError):
+    """A pagination cursor this service did not make (or one mangled on the way)."""
+
+
+def encode_cursor(score: float, rec_id: str) -> str:
+    """The opaque cursor after the item (``score``, ``rec_id``) of a listing: urlsafe base64 of
+    the score's exact repr and the id."""
+    return base64.urlsafe_b64encode(f"{score!r}|{rec_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[float, str]:
+    """(score, id) of :func:`encode_cursor`; CursorError when it is not one."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+        score_text, rec_id = text.split("|", 1)
+        score = float(score_text)
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise CursorError("malformed cursor: pass the next_cursor of a previous page") from None
+    if not is_id(rec_id) or score != score or score in (float("inf"), float("-inf")):
+        raise CursorError("malformed cursor: pass the next_cursor of a previous page")
+    return score, rec_id
 
 
 def is_id(value: str) -> bool:
@@ -128,6 +162,7 @@ class ModelRecord(_Record):
     demo: bool = False
     #: Validations started again because the worker died under the previous one.
     validation_attempts: int = 0
+    labels: dict[str, str] = Field(default_factory=dict)
 
     @property
     def validation_job_id(self) -> str:
@@ -171,12 +206,53 @@ class JobRecord(_Record):
     started_at: datetime | None = None
     finished_at: datetime | None = None
     error: JobError | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    #: Where the final job is POSTed when it ends (store/webhooks.py).
+    callback_url: str | None = None
+
+
+class IdempotencyEntry(BaseModel):
+    """What an Idempotency-Key stands for: the request's hash, and once it succeeded the
+    object it made and the status it was answered with (``id`` None: still in progress)."""
+
+    hash: str
+    token: str
+    id: str | None = None
+    status: int | None = None
+
+
+#: Deletes KEYS[1] only while it still holds ARGV[1] (a claim releases only itself).
+_DELETE_IF_EQUAL = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+#: Deletes the hash field KEYS[1]/ARGV[1] only while it still names ARGV[2].
+_HDEL_IF_EQUAL = """
+if redis.call('HGET', KEYS[1], ARGV[1]) == ARGV[2] then
+  return redis.call('HDEL', KEYS[1], ARGV[1])
+end
+return 0
+"""
+#: Listing pages are read in batches of at least this many index entries when filtering.
+_PAGE_BATCH = 64
+_PAGE_BATCH_MAX = 1024
+
+
+def job_done_channel(job_id: str) -> str:
+    """The pub/sub channel a job's end is published on (``GET /v1/jobs/{id}?wait=``)."""
+    return f"{_P}jobdone:{job_id}"
 
 
 def _count_transition(pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
-    """Count a job entering a status; on reaching a terminal one after running, its run time."""
+    """Count a job entering a status; on reaching a terminal one after running, its run time.
+    A job's end is also published (:func:`job_done_channel`), in the same transaction."""
     if old is not None and old.status is new.status:
         return
+    if new.status.terminal:
+        pipe.publish(job_done_channel(new.id), new.status.value)
+        if new.callback_url:
+            # Its webhook, durably queued with the status that it reports.
+            enqueue_delivery(pipe, new.id, new.tenant, new.callback_url, new.status.value)
     label = f"{new.analysis}|{new.status.value}"
     pipe.hincrby(_P + _JOB_COUNTS, label, 1)
     if new.status.terminal and new.started_at is not None and new.finished_at is not None:
@@ -279,12 +355,91 @@ class Records:
         raws = self.redis.mget([f"{_P}{prefix}:{_text(i)}" for i in ids])
         return [cls.model_validate_json(r) for r in raws if r is not None]
 
+    def _page(
+        self,
+        index: str,
+        prefix: str,
+        cls: type[_T],
+        limit: int,
+        cursor: str | None,
+        keep: Callable[[_T], _T | None] | None,
+    ) -> tuple[list[_T], str | None]:
+        """One page of an index, newest first: up to ``limit`` records that ``keep`` returns
+        (it may filter, returning None, or replace a record by a fresher one), after ``cursor``,
+        and the cursor of the next page (None when this one is the last).
+
+        The index is read from the cursor's score down (``ZREVRANGEBYSCORE``), so a page costs
+        O(log n + the entries read); with a filter, batches grow until the page is full. Equal
+        scores are ordered by id (descending), which the cursor also holds."""
+        key = _P + index
+        top: str | float = "+inf"
+        after: tuple[float, str] | None = None
+        if cursor is not None:
+            after = decode_cursor(cursor)
+            top = after[0]
+        found: list[tuple[float, str, _T]] = []
+        offset = 0
+        batch = limit + 1 if keep is None else max(limit + 1, _PAGE_BATCH)
+        while len(found) <= limit:
+            rows: list[tuple[bytes, float]] = self.redis.zrevrangebyscore(  # type: ignore[assignment]
+                key, top, "-inf", start=offset, num=batch, withscores=True
+            )
+            offset += len(rows)
+            entries = [(float(score), _text(member)) for member, score in rows]
+            if top == "+inf" and entries:
+                # Later batches read below the first one's top: what is created meanwhile
+                # (newer) does not shift the offsets.
+                top = entries[0][0]
+            if after is not None:
+                # Those at the cursor's score not after it (ids descend at equal scores).
+                entries = [e for e in entries if e[0] != after[0] or e[1] < after[1]]
+            raws = self.redis.mget([f"{_P}{prefix}:{i}" for _, i in entries]) if entries else []
+            for (score, rec_id), raw in zip(entries, raws, strict=True):
+                if raw is None:
+                    continue  # deleted meanwhile
+                record: _T | None = cls.model_validate_json(raw)
+                if keep is not None and record is not None:
+                    record = keep(record)
+                if record is not None:
+                    found.append((score, rec_id, record))
+                    if len(found) > limit:
+                        break
+            if len(rows) < batch:
+                break
+            batch = min(batch * 2, _PAGE_BATCH_MAX)
+        page = found[:limit]
+        more = len(found) > limit
+        next_cursor = encode_cursor(page[-1][0], page[-1][1]) if more and page else None
+        return [r for _, _, r in page], next_cursor
+
     # --- models ---------------------------------------------------------------------------
 
     def put_model(self, rec: ModelRecord, *, limit: int | None = None) -> bool:
         """Store the record. With ``limit``: only while the tenant has fewer models (checked
         and written in one transaction, so concurrent uploads cannot overshoot). → stored?"""
-        index = f"{_P}models:{rec.tenant}"
+
+        def also(pipe: Pipeline) -> None:
+            # Uploads are deduplicated by file and manifest (find_model).
+            pipe.hset(
+                f"{_P}models_by_content:{rec.tenant}",
+                f"{rec.sha256}:{rec.manifest_sha256}",
+                rec.id,
+            )
+
+        return self._put_limited("model", rec, rec.sha256, limit, also)
+
+    def _put_limited(
+        self,
+        kind: str,
+        rec: ModelRecord | DatasetRecord,
+        sha256: str,
+        limit: int | None,
+        also: Callable[[Pipeline], None] | None = None,
+    ) -> bool:
+        """Write a model's or dataset's record, its index entry and its blob reference in one
+        transaction; with ``limit``, only while the tenant's index holds fewer (WATCHed, so
+        concurrent writers cannot overshoot). ``also`` adds commands to the transaction."""
+        index = f"{_P}{kind}s:{rec.tenant}"
         with self.redis.pipeline() as pipe:
             while True:
                 try:
@@ -294,9 +449,11 @@ class Records:
                             pipe.reset()
                             return False
                     pipe.multi()
-                    pipe.set(f"{_P}model:{rec.id}", rec.model_dump_json())
+                    pipe.set(f"{_P}{kind}:{rec.id}", rec.model_dump_json())
                     pipe.zadd(index, {rec.id: rec.created_at.timestamp()})
-                    pipe.sadd(f"{_P}blobrefs:{rec.sha256}", f"model:{rec.id}")
+                    pipe.sadd(f"{_P}blobrefs:{sha256}", f"{kind}:{rec.id}")
+                    if also is not None:
+                        also(pipe)
                     pipe.execute()
                     return True
                 except WatchError:
@@ -318,11 +475,39 @@ class Records:
     def list_models(self, tenant: str, limit: int = 1000) -> list[ModelRecord]:
         return self._list(f"models:{tenant}", "model", ModelRecord, limit)
 
+    def page_models(
+        self,
+        tenant: str,
+        limit: int,
+        cursor: str | None = None,
+        keep: Callable[[ModelRecord], ModelRecord | None] | None = None,
+    ) -> tuple[list[ModelRecord], str | None]:
+        """A page of the tenant's models, newest first (see :meth:`_page`)."""
+        return self._page(f"models:{tenant}", "model", ModelRecord, limit, cursor, keep)
+
+    def find_model(self, tenant: str, sha256: str, manifest_sha256: str) -> ModelRecord | None:
+        """The tenant's model of this file and manifest, if it has one (uploads are
+        deduplicated by it)."""
+        raw = self.redis.hget(f"{_P}models_by_content:{tenant}", f"{sha256}:{manifest_sha256}")
+        if raw is None:
+            return None
+        rec = self.get_model(_text(raw), tenant)
+        if rec is None or rec.sha256 != sha256 or rec.manifest_sha256 != manifest_sha256:
+            return None
+        return rec
+
     def count_models(self, tenant: str) -> int:
         return int(self.redis.zcard(f"{_P}models:{tenant}"))
 
     def delete_model(self, rec: ModelRecord) -> bool:
         """Remove the record. True when no model or dataset uses its blob any more."""
+        self.redis.eval(
+            _HDEL_IF_EQUAL,
+            1,
+            f"{_P}models_by_content:{rec.tenant}",
+            f"{rec.sha256}:{rec.manifest_sha256}",
+            rec.id,
+        )
         return self._delete(f"model:{rec.id}", f"models:{rec.tenant}", rec.id, rec.sha256)
 
     def _delete(self, key: str, index: str, rec_id: str, sha256: str) -> bool:
@@ -338,23 +523,7 @@ class Records:
     def put_dataset(self, rec: DatasetRecord, *, limit: int | None = None) -> bool:
         """Store the record. With ``limit``: only while the tenant has fewer datasets (checked
         and written in one transaction, as :meth:`put_model`). → stored?"""
-        index = f"{_P}datasets:{rec.tenant}"
-        with self.redis.pipeline() as pipe:
-            while True:
-                try:
-                    if limit is not None:
-                        pipe.watch(index)  # type: ignore[no-untyped-call]
-                        if int(pipe.zcard(index)) >= limit:
-                            pipe.reset()
-                            return False
-                    pipe.multi()
-                    pipe.set(f"{_P}dataset:{rec.id}", rec.model_dump_json())
-                    pipe.zadd(index, {rec.id: rec.created_at.timestamp()})
-                    pipe.sadd(f"{_P}blobrefs:{rec.sha256}", f"dataset:{rec.id}")
-                    pipe.execute()
-                    return True
-                except WatchError:
-                    continue
+        return self._put_limited("dataset", rec, rec.sha256, limit)
 
     def get_dataset(self, dataset_id: str, tenant: str) -> DatasetRecord | None:
         if not is_id(dataset_id):
@@ -363,6 +532,12 @@ class Records:
 
     def list_datasets(self, tenant: str, limit: int = 1000) -> list[DatasetRecord]:
         return self._list(f"datasets:{tenant}", "dataset", DatasetRecord, limit)
+
+    def page_datasets(
+        self, tenant: str, limit: int, cursor: str | None = None
+    ) -> tuple[list[DatasetRecord], str | None]:
+        """A page of the tenant's datasets, newest first (see :meth:`_page`)."""
+        return self._page(f"datasets:{tenant}", "dataset", DatasetRecord, limit, cursor, None)
 
     def count_datasets(self, tenant: str) -> int:
         return int(self.redis.zcard(f"{_P}datasets:{tenant}"))
@@ -440,8 +615,73 @@ class Records:
     def list_jobs(self, tenant: str, limit: int = 100) -> list[JobRecord]:
         return self._list(f"jobs:{tenant}", "job", JobRecord, limit)
 
+    def page_jobs(
+        self,
+        tenant: str,
+        limit: int,
+        cursor: str | None = None,
+        keep: Callable[[JobRecord], JobRecord | None] | None = None,
+    ) -> tuple[list[JobRecord], str | None]:
+        """A page of the tenant's jobs, newest first (see :meth:`_page`)."""
+        return self._page(f"jobs:{tenant}", "job", JobRecord, limit, cursor, keep)
+
+    # --- idempotency keys -----------------------------------------------------------------
+
+    @staticmethod
+    def _idem_key(tenant: str, route: str, key: str) -> str:
+        digest = hashlib.sha256(key.encode()).hexdigest()
+        return f"{_P}idem:{tenant}:{route}:{digest}"
+
+    def idem_claim(
+        self, tenant: str, route: str, key: str, request_hash: str, ttl_s: int
+    ) -> tuple[IdempotencyEntry, bool]:
+        """Claim an Idempotency-Key for a request. → (the entry, True) when this request now
+        holds it (in progress), else (the entry already there, False)."""
+        full = self._idem_key(tenant, route, key)
+        mine = IdempotencyEntry(hash=request_hash, token=new_id())
+        while True:
+            if self.redis.set(full, mine.model_dump_json(), nx=True, ex=ttl_s):
+                return mine, True
+            raw = self.redis.get(full)
+            if raw is not None:
+                return IdempotencyEntry.model_validate_json(raw), False
+            # Released or expired between the two commands: claim again.
+
+    def idem_finish(
+        self,
+        tenant: str,
+        route: str,
+        key: str,
+        claim: IdempotencyEntry,
+        obj_id: str,
+        status: int,
+        ttl_s: int,
+    ) -> None:
+        """The claimed request succeeded: the key now answers with ``obj_id`` for ``ttl_s``."""
+        done = claim.model_copy(update={"id": obj_id, "status": status})
+        self.redis.set(self._idem_key(tenant, route, key), done.model_dump_json(), ex=ttl_s)
+
+    def idem_release(self, tenant: str, route: str, key: str, claim: IdempotencyEntry) -> None:
+        """The claimed request failed (or its object is gone): the key is free again, unless
+        another request holds it by now."""
+        self.redis.eval(
+            _DELETE_IF_EQUAL, 1, self._idem_key(tenant, route, key), claim.model_dump_json()
+        )
+
     def put_result(self, job_id: str, result: dict[str, Any]) -> None:
         self.redis.set(f"{_P}result:{job_id}", json.dumps(result))
+
+    def job_and_result(
+        self, job_id: str, tenant: str
+    ) -> tuple[JobRecord | None, dict[str, Any] | None]:
+        """The tenant's job and its own stored result, in one round trip (a cache hit)."""
+        if not is_id(job_id):
+            return None, None
+        raw_job, raw_result = self.redis.mget([f"{_P}job:{job_id}", f"{_P}result:{job_id}"])
+        job = None if raw_job is None else JobRecord.model_validate_json(raw_job)
+        if job is None or job.tenant != tenant:
+            return None, None
+        return job, (None if raw_result is None else json.loads(raw_result))
 
     def get_result(self, job_id: str) -> dict[str, Any] | None:
         raw = self.redis.get(f"{_P}result:{job_id}")
@@ -452,16 +692,21 @@ class Records:
 
     # --- result cache ---------------------------------------------------------------------
 
+    @staticmethod
+    def cache_name(tenant: str, key: str) -> str:
+        """The Redis key of the result-cache entry ``key`` of ``tenant``."""
+        return f"{_P}cache:{tenant}:{key}"
+
     def cache_get(self, tenant: str, key: str) -> str | None:
         """The succeeded job whose result answers ``key`` for ``tenant``, if any."""
-        raw = self.redis.get(f"{_P}cache:{tenant}:{key}")
+        raw = self.redis.get(self.cache_name(tenant, key))
         return None if raw is None else _text(raw)
 
     def cache_set(self, tenant: str, key: str, job_id: str) -> None:
-        self.redis.set(f"{_P}cache:{tenant}:{key}", job_id)
+        self.redis.set(self.cache_name(tenant, key), job_id)
 
     def cache_drop(self, tenant: str, key: str) -> None:
-        self.redis.delete(f"{_P}cache:{tenant}:{key}")
+        self.redis.delete(self.cache_name(tenant, key))
 
     # --- architectures --------------------------------------------------------------------
 

@@ -145,14 +145,14 @@ def _options(protocol: str) -> dict[str, Any]:
 def _missing(url: str, exc: ImportError) -> ImportError:
     return ImportError(
         f"storage {url!r} (DEEPSCOPE_STORAGE_URL): {exc}; for s3:// install the s3 extra: "
-        "pip install 'deepscope[s3]'"
+        "pip install 'deepscope[server,s3]'"
     )
 
 
 class Storage:
     """The storage root: ``Storage("/srv/deepscope/storage")`` or ``Storage("s3://b/prefix")``.
 
-    Any fsspec URL works whose filesystem is installed (``pip install 'deepscope[s3]'`` for
+    Any fsspec URL works whose filesystem is installed (``pip install 'deepscope[server,s3]'`` for
     ``s3://``). The filesystem is made again in a forked process, which cannot use its
     parent's client (s3fs's event loop and connections).
     """

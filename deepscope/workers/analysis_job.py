@@ -7,7 +7,10 @@ a readable ``error``; anything else is also re-raised so that RQ keeps the trace
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import tempfile
+import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
@@ -18,7 +21,6 @@ import numpy as np
 from deepscope.analyses.registry import get_analysis, parse_params
 from deepscope.analyses.run import run_analysis, write_result
 from deepscope.catalog import BUILTIN_DATASETS
-from deepscope.contract.errors import user_message
 from deepscope.contract.result import Artifact, GeneratedPrediction, GeneratedPredictions, Result
 from deepscope.contract.status import JobStatus
 from deepscope.models.datasets import Dataset, load_dataset
@@ -35,6 +37,8 @@ __all__ = ["run_job"]
 #: Generated images a job predicts (the first ones), and the classes it keeps per image.
 _MAX_GENERATED_PREDICTIONS = 2048
 _GENERATED_TOP_K = 3
+#: What a job does first (its record says it from the start: no report needed).
+_LOADING = "loading the model"
 
 
 def _dataset(backend: Backend, job: JobRecord, stack: ExitStack) -> Dataset | None:
@@ -50,14 +54,46 @@ def _dataset(backend: Backend, job: JobRecord, stack: ExitStack) -> Dataset | No
     return dataclasses.replace(load_dataset(str(path), "train"), name=rec.name)
 
 
-def _upload_artifacts(backend: Backend, job: JobRecord, out_dir: Path, result: Result) -> Result:
-    """Every artifact and ``result.json`` to storage; → the result listing ``result.json``."""
-    for artifact in result.artifacts:
-        rel = safe_relpath(artifact.url)
-        backend.storage.put_file(out_dir / rel, Storage.artifact_key(job.tenant, job.id, rel))
-    backend.storage.put_file(
-        out_dir / "result.json", Storage.artifact_key(job.tenant, job.id, "result.json")
-    )
+class _Output:
+    """Where a run writes its artifacts, and how they reach storage.
+
+    On local storage the run writes into a directory of its own beside the job's artifact
+    directory, renamed into place when it succeeded: nothing is copied, a reader never sees
+    half a run, and a run given up for dead cannot mix its files with its successor's. On any
+    other storage it writes into a temporary directory, uploaded file by file at the end."""
+
+    def __init__(self, backend: Backend, job: JobRecord, stack: ExitStack) -> None:
+        self.backend = backend
+        self.job = job
+        final = backend.storage.local_path(Storage.job_prefix("artifacts", job.tenant, job.id))
+        self.final = final
+        if final is None:
+            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="deepscope-job-"))
+            self.dir = Path(tmp) / "out"
+        else:
+            self.dir = final.with_name(f".{final.name}.run-{uuid.uuid4().hex}")
+            # Whatever happens to the run, its own directory does not outlive it (a published
+            # one has been renamed away by then).
+            stack.callback(shutil.rmtree, self.dir, ignore_errors=True)
+
+    def publish(self, result: Result) -> Result:
+        """Every artifact and ``result.json`` to storage; → the result listing ``result.json``."""
+        if self.final is None:
+            for artifact in result.artifacts:
+                rel = safe_relpath(artifact.url)
+                key = Storage.artifact_key(self.job.tenant, self.job.id, rel)
+                self.backend.storage.put_file(self.dir / rel, key)
+            key = Storage.artifact_key(self.job.tenant, self.job.id, "result.json")
+            self.backend.storage.put_file(self.dir / "result.json", key)
+        else:
+            # An earlier run's files (a retry after its worker died) make way.
+            shutil.rmtree(self.final, ignore_errors=True)
+            os.replace(self.dir, self.final)
+        return _listed(result)
+
+
+def _listed(result: Result) -> Result:
+    """``result`` with ``result.json`` among its artifacts."""
     listed = Artifact(
         name="result",
         url="result.json",
@@ -70,22 +106,21 @@ def _upload_artifacts(backend: Backend, job: JobRecord, out_dir: Path, result: R
 def run_job(job_id: str) -> dict[str, Any]:
     """RQ job: run one analysis job (its record holds model, analysis, params, dataset)."""
     backend = runtime.backend()
-    job = lifecycle.start(backend.records, job_id)
+    job = lifecycle.start(backend.records, job_id, _LOADING)
     if job is None:
         return {"status": "skipped"}
     try:
         with ExitStack() as stack:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="deepscope-job-"))
+            output = _Output(backend, job, stack)
             model = backend.records.get_model(job.model_id, job.tenant)
             if model is None:
                 raise ValueError(f"model {job.model_id} was deleted")
             device = runtime.device()
-            progress = runtime.ProgressReporter(backend, job_id)
-            progress(0.0, "loading the model")
+            progress = runtime.ProgressReporter(backend, job_id, said=_LOADING)
             loaded = model_cache.load(backend, model, device)
             dataset = _dataset(backend, job, stack)
             params = parse_params(job.analysis, job.params, max_steps=backend.settings.max_steps)
-            out_dir = Path(tmp) / "out"
+            out_dir = output.dir
             result = run_analysis(
                 loaded,
                 job.analysis,
@@ -96,13 +131,9 @@ def run_job(job_id: str) -> dict[str, Any]:
                 progress=progress,
             )
             result = _predict_generated(loaded, model, out_dir, result, device)
-            result = _upload_artifacts(backend, job, out_dir, result)
-        backend.records.put_result(job_id, result.model_dump(mode="json", by_alias=True))
-        done = lifecycle.finish(
-            backend.records, job_id, JobStatus.SUCCEEDED, run_started_at=job.started_at
-        )
-        if done is None or done.started_at != job.started_at:
-            # Given up for dead meanwhile and queued again: the new run has the last word.
+            result = output.publish(result)
+        done = runtime.succeed(backend, job, result)
+        if done is None:
             return {"status": "superseded"}
         if done.status is JobStatus.SUCCEEDED and done.cache_key:
             backend.records.cache_set(done.tenant, done.cache_key, job_id)
@@ -110,13 +141,7 @@ def run_job(job_id: str) -> dict[str, Any]:
     except runtime.JobCanceledError:
         return {"status": "canceled"}
     except Exception as exc:
-        error = runtime.job_error(exc)
-        lifecycle.finish(
-            backend.records, job_id, JobStatus.FAILED, error, run_started_at=job.started_at
-        )
-        if isinstance(exc, ValueError):
-            return {"status": "failed", "error": user_message(exc)}
-        raise
+        return runtime.fail(backend, job, exc)
     finally:
         # Whatever the outcome, the tenant's next job may take this one's slot (releasing a
         # slot twice is harmless: it is a set).

@@ -45,7 +45,9 @@ def load(backend: Backend, rec: ModelRecord, device: str) -> LoadedModel:
     if key in _MODELS:
         _MODELS.move_to_end(key)
         return _MODELS[key]
-    with local_blob(backend.storage, rec.sha256, _FILE_NAMES[rec.format]) as path:
+    # Formats are told apart by content (loading.detect_format), and the stored file is
+    # read in place on local storage.
+    with local_blob(backend.storage, rec.sha256, _FILE_NAMES[rec.format], any_name=True) as path:
         try:
             loaded = load_model(
                 path,

@@ -9,9 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from deepscope.contract.errors import user_message
 from deepscope.contract.result import PREDICT_ANALYSIS, PredictMetrics, Result
-from deepscope.contract.status import JobStatus
 from deepscope.models.loading import LoadedModel
 from deepscope.store import lifecycle
 from deepscope.store.backend import Backend
@@ -133,18 +131,8 @@ def predict(job_id: str) -> dict[str, Any]:
                 {"predictions": predictions(loaded, images, top_k, device)}
             ),
         )
-        backend.records.put_result(job_id, result.model_dump(mode="json", by_alias=True))
-        done = lifecycle.finish(
-            backend.records, job_id, JobStatus.SUCCEEDED, run_started_at=job.started_at
-        )
-        if done is None or done.started_at != job.started_at:
-            return {"status": "superseded"}  # given up for dead and queued again meanwhile
+        if runtime.succeed(backend, job, result) is None:
+            return {"status": "superseded"}
         return {"status": "succeeded"}
     except Exception as exc:
-        error = runtime.job_error(exc)
-        lifecycle.finish(
-            backend.records, job_id, JobStatus.FAILED, error, run_started_at=job.started_at
-        )
-        if isinstance(exc, ValueError):
-            return {"status": "failed", "error": user_message(exc)}
-        raise
+        return runtime.fail(backend, job, exc)

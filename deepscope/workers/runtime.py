@@ -11,15 +11,19 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from rq import get_current_job
 
 from deepscope.analyses.run import resolve_device
 from deepscope.contract.errors import user_message
-from deepscope.contract.status import JobError
+from deepscope.contract.result import Result
+from deepscope.contract.status import JobError, JobStatus
 from deepscope.settings import Settings
+from deepscope.store import lifecycle
 from deepscope.store.backend import Backend
 from deepscope.store.queues import connect
+from deepscope.store.records import JobRecord
 from deepscope.store.storage import Storage
 
 __all__ = [
@@ -29,10 +33,12 @@ __all__ = [
     "config",
     "configure",
     "device",
+    "fail",
     "job_error",
     "local_blob",
     "settings",
     "storage",
+    "succeed",
 ]
 
 _PROGRESS_INTERVAL_S = 0.5
@@ -112,9 +118,47 @@ def job_error(exc: BaseException) -> JobError:
     return JobError(type=kind, message=user_message(exc))
 
 
+def succeed(backend: Backend, job: JobRecord, result: Result) -> JobRecord | None:
+    """Store ``result`` and move the run ``job`` to ``succeeded`` (or leave it canceled).
+
+    → the record, or None when this run was given up for dead and queued again meanwhile:
+    the new run has the last word (a job never succeeds twice)."""
+    backend.records.put_result(job.id, result.model_dump(mode="json", by_alias=True))
+    done = lifecycle.finish(
+        backend.records, job.id, JobStatus.SUCCEEDED, run_started_at=job.started_at
+    )
+    if done is None or done.started_at != job.started_at:
+        return None
+    return done
+
+
+def fail(backend: Backend, job: JobRecord, exc: Exception) -> dict[str, Any]:
+    """The run ``job`` failed with ``exc`` (being handled): record it ``failed``. → RQ's return
+    value for a user error (``ValueError``: the job failed, the worker did not); anything else
+    is raised again, so that RQ keeps its traceback."""
+    lifecycle.finish(
+        backend.records, job.id, JobStatus.FAILED, job_error(exc), run_started_at=job.started_at
+    )
+    if isinstance(exc, ValueError):
+        return {"status": "failed", "error": user_message(exc)}
+    raise exc
+
+
 @contextmanager
-def local_blob(storage: Storage, sha256: str, name: str) -> Iterator[Path]:
-    """The blob as a local file called ``name`` (a link on local storage, else a copy)."""
+def local_blob(
+    storage: Storage, sha256: str, name: str, *, any_name: bool = False
+) -> Iterator[Path]:
+    """The blob as a local file called ``name`` (a link on local storage, else a copy).
+
+    ``any_name``: the reader does not go by the file's name (model files are told apart by
+    their content), so on local storage the stored file itself is given, no link made."""
+    if any_name:
+        local = storage.local_path(Storage.blob_key(sha256))
+        if local is not None:
+            if not local.is_file():
+                raise ValueError("the uploaded file is missing from storage")
+            yield local
+            return
     with tempfile.TemporaryDirectory(prefix="deepscope-") as tmp:
         target = Path(tmp) / name
         key = Storage.blob_key(sha256)
@@ -141,11 +185,13 @@ class ProgressReporter:
     from outside). The final ``1.0`` is not sent: the job's status says it, and each report
     costs two Redis round trips, a fair share of a short job."""
 
-    def __init__(self, backend: Backend, job_id: str) -> None:
+    def __init__(self, backend: Backend, job_id: str, said: str | None = None) -> None:
+        """``said``: the message the job's record says already (:func:`lifecycle.start`), so
+        that reporting it again at once costs nothing."""
         self.backend = backend
         self.job_id = job_id
-        self.last = 0.0
-        self.phase: str | None = None
+        self.last = time.monotonic() if said is not None else 0.0
+        self.phase: str | None = None if said is None else _phase(said)
 
     def __call__(self, fraction: float, message: str) -> None:
         if fraction >= 1.0:

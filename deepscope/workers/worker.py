@@ -16,6 +16,7 @@
 
 from __future__ import annotations
 
+import gc
 import itertools
 import logging
 import os
@@ -124,6 +125,12 @@ def run_worker(
     else:
         runtime.configure(device="cpu", model_cache=0)
         worker_class = ForkingWorker
+        # Everything imported and warmed so far is shared with every forked work horse, page by
+        # page, until one writes to it. The garbage collector's passes write to every object
+        # they visit, so a horse's first full one would copy the parent's whole heap (torch
+        # included); frozen objects are never visited.
+        gc.collect()
+        gc.freeze()
     worked = False
     supervisor: Supervisor | None = None
     base_name = name

@@ -40,7 +40,8 @@ def _spawn(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
         return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
 
 
-def _stop(procs: Sequence[subprocess.Popen[bytes] | None], timeout: float = 10.0) -> None:
+def stop_processes(procs: Sequence[subprocess.Popen[bytes] | None], timeout: float = 10.0) -> None:
+    """SIGTERM every live process, then wait; SIGKILL what is still up after ``timeout``."""
     live = [p for p in procs if p is not None]
     for proc in live:
         if proc.poll() is None:
@@ -242,10 +243,10 @@ def launch_stack(
         svc.wait_ready(cpu_workers=len(kinds))
         yield svc
     finally:
-        _stop([svc.api])
-        _stop(svc.workers)
+        stop_processes([svc.api])
+        stop_processes(svc.workers)
         svc.redis.close()
-        _stop([svc.redis_proc])
+        stop_processes([svc.redis_proc])
         shutil.rmtree(data_dir / "tmp", ignore_errors=True)
 
 

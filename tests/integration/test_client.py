@@ -138,21 +138,24 @@ def test_sdk_errors_carry_status_and_detail(
     with pytest.raises(DeepscopeError) as err:
         client.get_model("0" * 32)
     assert err.value.status_code == 404 and "not found" in err.value.detail
+    assert err.value.type == "not_found"
     with pytest.raises(DeepscopeError) as err:
         client.submit(model, "signal_space", {"vectors": -1})
     assert err.value.status_code == 422 and "vectors" in err.value.detail
+    assert err.value.type == "invalid_params" and err.value.errors
     with pytest.raises(DeepscopeError) as err:
         client.cancel(signal_job)
-    assert err.value.status_code == 409
+    assert err.value.status_code == 409 and err.value.type == "job_finished"
     with Client(service.url, "wrong-key") as stranger, pytest.raises(DeepscopeError) as err:
         stranger.list_models()
-    assert err.value.status_code == 401
+    assert err.value.status_code == 401 and err.value.type == "unauthorized"
     with (
-        Client("http://127.0.0.1:9", "k", timeout=2) as nowhere,
+        Client("http://127.0.0.1:9", "k", timeout=2, retries=1) as nowhere,
         pytest.raises(DeepscopeError) as err,
     ):
         nowhere.list_jobs()
     assert err.value.status_code is None and "cannot reach" in str(err.value)
+    assert err.value.transient and err.value.type is None
     # A job that fails in the worker: wait raises with the job's readable error.
     failing = client.submit(model, "signal_space", {"layers": ["fc9"]})
     with pytest.raises(DeepscopeError, match="fc9") as err:
@@ -204,8 +207,8 @@ def test_the_sdk_never_imports_torch() -> None:
     # The SDK alone talks HTTP only: no Redis client, no queue, no server code.
     code = (
         "import sys, deepscope.client; "
-        "bad = [m for m in ('redis', 'rq', 'fastapi', 'deepscope.store', 'deepscope.service') "
-        "if m in sys.modules]; assert not bad, bad"
+        "bad = [m for m in ('redis', 'rq', 'fastapi', 'deepscope.store', 'deepscope.service', "
+        "'mlflow', 'numpy') if m in sys.modules]; assert not bad, bad"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
 

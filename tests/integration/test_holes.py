@@ -21,6 +21,7 @@ import io
 import json
 import os
 import re
+import shutil
 import struct
 import time
 import zipfile
@@ -229,7 +230,8 @@ def test_uploads_over_the_quota_leave_no_file(
     with own_stack.client(own_stack.key_c) as carol:
         for model in carol.get("/v1/models").json()["models"][:2]:
             assert carol.delete(f"/v1/models/{model['id']}").status_code == 204
-        twin = [upload_model(carol, same, manifest_for()) for _ in range(2)]
+        # Two manifests (an identical one would answer the first model: deduplicated).
+        twin = [upload_model(carol, same, manifest_for(name=f"twin-{i}")) for i in range(2)]
         assert [r.status_code for r in twin] == [202, 202]
         assert carol.delete(f"/v1/models/{twin[0].json()['id']}").status_code == 204
         assert twin[1].json()["sha256"] in _blob_files(own_stack)
@@ -253,11 +255,18 @@ def test_the_api_sweeps_what_uploads_left_behind(own_stack: Service, weights: Pa
         "stale write": storage / "ef" / ".tmp-abc123",
         "upload": tmp / "upload-dead1234",
         "fresh upload": tmp / "upload-live5678",
+        # The files of a job run killed before it published them (local storage).
+        "dead run": own_stack.data_dir / "storage" / "artifacts" / "alice" / f".{'9' * 32}.run-1",
+        "live run": own_stack.data_dir / "storage" / "artifacts" / "alice" / f".{'8' * 32}.run-2",
     }
-    for path in planted.values():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(b"left behind")
-    for name in ("orphan", "stale write", "upload"):
+    for name, path in planted.items():
+        if name.endswith(" run"):
+            (path / "pictures").mkdir(parents=True)
+            (path / "pictures" / "spectra.png").write_bytes(b"half a picture")
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(b"left behind")
+    for name in ("orphan", "stale write", "upload", "dead run"):
         os.utime(planted[name], (old, old))
     # A pending reference of an upload that never finished does not keep a blob forever.
     stale_pin = f"pending:{int(old)}:{'0' * 32}"
@@ -269,17 +278,19 @@ def test_the_api_sweeps_what_uploads_left_behind(own_stack: Service, weights: Pa
     own_stack.start_api()
     own_stack.wait_ready(cpu_workers=1)
     deadline = time.monotonic() + 30
-    gone = {"orphan", "stale write", "upload"}
+    gone = {"orphan", "stale write", "upload", "dead run"}
     while any(planted[name].exists() for name in gone):
         assert time.monotonic() < deadline, {n: planted[n].exists() for n in planted}
         time.sleep(0.2)
     assert planted["fresh orphan"].exists() and planted["fresh upload"].exists()
+    assert planted["live run"].exists()
     assert used_path.exists()
-    assert "swept 1 temporary upload file(s) and 2 orphaned blob(s)" in own_stack.log_text()
+    assert "swept 2 temporary file(s) and 2 orphaned blob(s)" in own_stack.log_text()
     with own_stack.client(own_stack.key_a) as alice:
         assert wait_model(alice, resp.json()["id"])["status"] == "ready"
     for name in ("fresh orphan", "fresh upload"):
         planted[name].unlink()
+    shutil.rmtree(planted["live run"])
 
 
 # --- 7. a job's memory: the machine's share of one worker ---------------------------------

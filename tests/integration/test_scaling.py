@@ -29,6 +29,7 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
+from conftest import stop_processes
 from PIL import Image
 from redis import Redis
 from rq.job import Job
@@ -80,19 +81,6 @@ class Machine:
     def files(self) -> list[Path]:
         """Every file on this machine's disk (data dir, working directory, temporary dir)."""
         return sorted(p for d in self.dirs.values() for p in d.rglob("*") if p.is_file())
-
-
-def _stop(procs: list[subprocess.Popen[bytes]], timeout: float = 20.0) -> None:
-    for proc in procs:
-        if proc.poll() is None:
-            proc.terminate()
-    deadline = time.monotonic() + timeout
-    for proc in procs:
-        try:
-            proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], what: str, log: Path) -> None:
@@ -267,8 +255,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield cluster
     finally:
         # API and workers first, then Redis and the store they talk to.
-        _stop(procs[2:])
-        _stop(procs[:2])
+        stop_processes(procs[2:], timeout=20.0)
+        stop_processes(procs[:2], timeout=20.0)
         redis.close()
 
 
@@ -483,7 +471,7 @@ def test_storage_on_s3_every_operation_and_in_a_forked_process(
 def test_a_missing_filesystem_says_what_to_install() -> None:
     if importlib.util.find_spec("gcsfs") is not None:
         pytest.skip("gcsfs is installed")
-    with pytest.raises(ImportError, match=r"DEEPSCOPE_STORAGE_URL.*deepscope\[s3\]"):
+    with pytest.raises(ImportError, match=r"DEEPSCOPE_STORAGE_URL.*deepscope\[server,s3\]"):
         Storage("gcs://bucket/prefix")
     with pytest.raises(ImportError, match="DEEPSCOPE_STORAGE_URL"):
         Storage.preload("gcs://bucket/prefix")

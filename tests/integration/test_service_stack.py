@@ -9,7 +9,6 @@ import re
 import signal
 import socket
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -37,31 +36,6 @@ def _port_open(port: int) -> bool:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
-def _start(data_dir: Path, port: int, *extra: str) -> tuple[subprocess.Popen[str], str]:
-    env = {**os.environ, "DEEPSCOPE_DATA_DIR": str(data_dir), "OMP_NUM_THREADS": "1"}
-    for name in ("DEEPSCOPE_REDIS_URL", "DEEPSCOPE_API_KEYS", "DEEPSCOPE_STORAGE_URL"):
-        env.pop(name, None)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "deepscope", "up", "--port", str(port), "--workers", "1", *extra],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    assert proc.stdout is not None
-    lines = []
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        lines.append(line)
-        if line.startswith("Ctrl-C"):
-            return proc, "".join(lines)
-    proc.kill()
-    raise AssertionError("deepscope up did not start:\n" + "".join(lines))
-
-
 def _stop(proc: subprocess.Popen[str]) -> float:
     start = time.monotonic()
     proc.send_signal(signal.SIGINT)
@@ -71,7 +45,7 @@ def _stop(proc: subprocess.Popen[str]) -> float:
 
 def test_up_serves_demo_results_and_stops_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    proc, banner = _start(tmp_path, port, "--gpu-workers", "0")
+    proc, banner = start_up(tmp_path, port, "--workers", "1", "--gpu-workers", "0")
     try:
         assert f"http://127.0.0.1:{port}" in banner
         key = re.search(r"API key:\s+(\S+)", banner)
@@ -110,7 +84,7 @@ def test_up_serves_demo_results_and_stops_cleanly(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "redis.url").exists()
 
     # A restart finds the models (Redis' AOF, the storage) and does not train them again.
-    proc, banner = _start(tmp_path, port)
+    proc, banner = start_up(tmp_path, port, "--workers", "1")
     try:
         assert "demo:" not in banner
         with httpx.Client(

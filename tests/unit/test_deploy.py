@@ -362,19 +362,48 @@ def test_compose_health_restart_and_images(compose: dict[str, Any]) -> None:
 
 
 def test_the_image_installs_what_pyproject_says() -> None:
+    """The image installs the server and s3 extras at constraints.txt's pins: torch first (its
+    own index), then the rest; the light client's dependencies have no torch."""
     req = _module("requirements")
     data = req.load(ROOT / "pyproject.toml")
+    pins = req.load_pins(ROOT / "constraints.txt")
     deps = data["project"]["dependencies"]
-    pins = req.torch_pins(data)
-    assert pins == [d for d in deps if d.startswith(("torch==", "torchvision=="))]
-    assert len(pins) == 2
-    rest = req.rest(data, ["s3"])
-    assert not set(pins) & set(rest)
-    assert set(deps) - set(pins) <= set(rest)
+    assert not {req._name(d) for d in deps} & {"torch", "torchvision", "fastapi", "redis"}
+    torch = req.torch_pins(data, pins)
+    assert torch == [f"torch=={pins['torch']}", f"torchvision=={pins['torchvision']}"]
+    rest = req.rest(data, ["server", "s3"])
+    assert not {req._name(r) for r in rest} & {"torch", "torchvision"}
+    server = req.expand(data, ["server"])
+    assert {d for d in server if req._name(d) not in ("torch", "torchvision")} <= set(rest)
+    assert set(deps) <= set(rest)
     assert set(data["project"]["optional-dependencies"]["s3"]) <= set(rest)
     assert set(data["build-system"]["requires"]) <= set(rest)  # the wheel builds offline
+    # dev is the server, s3 and mlflow extras plus the tools: the expansion follows deepscope[..]
+    dev = req.expand(data, ["dev"])
+    assert set(server) <= set(dev)
+    assert not any(req._name(d) == "deepscope" for d in dev)
     with pytest.raises(SystemExit, match="no extra"):
         req.rest(data, ["nope"])
+
+
+def test_constraints_pin_every_requirement() -> None:
+    """Every requirement of the package and its extras has an exact pin in constraints.txt
+    (what `make` and the image install), and the pin lies in pyproject.toml's range."""
+    from packaging.requirements import Requirement
+
+    req = _module("requirements")
+    data = req.load(ROOT / "pyproject.toml")
+    pins = req.load_pins(ROOT / "constraints.txt")
+    optional = sorted(data["project"]["optional-dependencies"])
+    for text in [*data["project"]["dependencies"], *req.expand(data, optional)]:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate():
+            continue
+        name = req._name(requirement.name)
+        assert name in pins, f"constraints.txt pins no {name} (make constraints)"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (
+            f"constraints.txt pins {name}=={pins[name]}, outside pyproject's {text!r}"
+        )
 
 
 @pytest.mark.skipif(shutil.which("bash") is None, reason="no bash")

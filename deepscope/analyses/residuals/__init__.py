@@ -24,7 +24,13 @@ class ResidualsParams(LayerParams):
         description="class averages of the dataset, or the first samples of each class",
     )
     samples_per_class: int = Field(default=1, ge=1, le=64)
-    rtol: float = Field(default=1e-5, gt=0, le=0.1, description="CG tolerance for conv layers")
+    rtol: float = Field(
+        default=1e-5,
+        gt=0,
+        le=0.1,
+        description="conv layers solved by CG stop when projection_error_bound (an upper "
+        "bound on ‖p̂ − Px‖/‖x‖) is at most rtol; also the CGLS fallback's tolerance",
+    )
     max_iter: int = Field(default=500, ge=1, le=10_000)
 
 
@@ -35,6 +41,16 @@ class ClassResidual(BaseModel):
     input_norm: float
     residual_norm: float
     lost_fraction: float = Field(description="‖x − P_row(W)x‖² / ‖x‖²")
+    projection_error_bound: float | None = Field(
+        default=None,
+        description="certified upper bound on ‖p̂ − P_row(W)x‖ / ‖x‖ of the computed projection "
+        "p̂ (0 where it is exact; null where nothing is certified: the CGLS fallback)",
+    )
+    projection_relative_error: float | None = Field(
+        default=None,
+        description="‖WᵀW(p̂ − x)‖ / ‖WᵀWx‖, the normal equations' residual (not an error of "
+        "the projection: an ill-conditioned layer can have a small one and a large error)",
+    )
 
 
 class LayerResiduals(BaseModel):
@@ -44,6 +60,14 @@ class LayerResiduals(BaseModel):
     kind: str
     input_shape: list[int]
     iterations: int | None = None
+    method: str | None = Field(
+        default=None,
+        description="how the projection was found: exact (Linear), injective, surjective "
+        "(exact or CG), zero map, or rank-deficient (CGLS)",
+    )
+    sigma_min: float | None = Field(
+        default=None, description="the smallest singular value of a conv layer's map, if found"
+    )
     classes: list[ClassResidual]
 
 
@@ -93,11 +117,12 @@ class ResidualsMetrics(Metrics):
                     fmt(c.input_norm),
                     fmt(c.residual_norm),
                     fmt(c.lost_fraction),
+                    fmt(c.projection_error_bound),
                     *[fmt((c.model_extra or {}).get(k)) for k in extra],
                 ]
                 for c in layer.classes
             ]
-            columns = ["class", "input norm", "residual norm", "lost fraction"]
+            columns = ["class", "input norm", "residual norm", "lost fraction", "error bound"]
             tables.append(
                 Table(
                     f"{layer.name}: per class",

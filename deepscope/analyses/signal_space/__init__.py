@@ -3,7 +3,10 @@
 Each layer is a linear map between signal spaces; its singular values give its rank, its
 condition number and how evenly it uses its input directions. Conv layers have three views:
 ``kernels`` (each 2-D kernel a row: the paper's), ``filters`` (each output filter a row) and
-``operator`` (the exact singular values of the convolution on the layer's input size).
+``operator`` (the singular values of the convolution on the layer's input size, with the
+boundary of ``padding``: every value when they can be computed, else — a non-circular operator
+with ``min(m, n)`` over the dense limit — the ``extremes`` largest and smallest by Lanczos, and
+the layer's spectrum says it is partial).
 """
 
 from __future__ import annotations
@@ -17,7 +20,13 @@ from deepscope.analyses.registry import AnalysisSpec, register_analysis
 from deepscope.contract.result import LayerValues, Metrics, summary_tables
 from deepscope.contract.tables import Table, fmt
 
-__all__ = ["LayerSpectrum", "SignalSpaceMetrics", "SignalSpaceParams", "SpectrumSummary"]
+__all__ = [
+    "LayerSpectrum",
+    "OperatorExtremes",
+    "SignalSpaceMetrics",
+    "SignalSpaceParams",
+    "SpectrumSummary",
+]
 
 
 class SignalSpaceParams(LayerParams):
@@ -35,6 +44,15 @@ class SignalSpaceParams(LayerParams):
         description="operator view's boundary: layer (each layer's own: zero for most), "
         "circular (exact by FFT at any size), zero (the layer's real map when it pads with "
         "zeros), reflect or replicate; result.json warns where it is not the layer's own",
+    )
+    extremes: int = Field(
+        default=16,
+        ge=1,
+        le=128,
+        description="operator view, non-circular boundary: an operator with more than 4096 "
+        "singular values gets only this many of its largest and of its smallest, by Lanczos "
+        "with the conv and its adjoint (its spectrum is then partial: no rank, quantiles or "
+        "histogram)",
     )
     vectors: int = Field(
         default=16, ge=0, le=256, description="top singular directions rendered per layer"
@@ -56,18 +74,52 @@ class Histogram(BaseModel):
 
 
 class SpectrumSummary(BaseModel):
-    """A bounded summary of a layer's singular values (all of them are in the ``.npz``)."""
+    """A bounded summary of a layer's singular values (all of them are in the ``.npz``).
+
+    A partial spectrum (``complete`` false: only the largest and smallest were computed) has
+    its ``profile`` at the indices of those values only, and no quantiles nor histogram.
+    """
 
     count: int = Field(description="how many singular values the matrix has (min(m, n))")
+    complete: bool = Field(
+        default=True,
+        description="every singular value was computed; false: only `top` and `bottom` "
+        "(Lanczos), and what needs the rest (quantiles, histogram, rank) is null",
+    )
     max: float
     min: float
     profile: Profile = Field(
-        description="values at up to 256 evenly spaced indices (all when count ≤ 256)"
+        description="values at up to 256 evenly spaced indices (all when count ≤ 256); "
+        "partial spectrum: the indices of `top` and `bottom` only"
     )
     top: list[float] = Field(description="the largest k, descending")
     bottom: list[float] = Field(description="the smallest k, ascending")
-    quantiles: dict[str, float]
-    histogram: Histogram
+    quantiles: dict[str, float] | None = Field(description="null for a partial spectrum")
+    histogram: Histogram | None = Field(description="null for a partial spectrum")
+
+
+class OperatorExtremes(BaseModel):
+    """How a partial operator spectrum was computed, and how far each value may be off."""
+
+    k: int = Field(description="how many of the largest and of the smallest were computed")
+    method: str = Field(description="lanczos")
+    detail: str = Field(description="which Gram, and how the smallest were found")
+    converged: bool = Field(description="Lanczos met its tolerance at both ends")
+    sigma_min_certified: bool = Field(
+        description="Lanczos converged, and some singular value provably lies within "
+        "0.001·σ_min of `spectrum.min` (3 significant digits); false: it is an estimate, off by "
+        "at most `sigma_min_error` from some singular value"
+    )
+    sigma_min_error: float = Field(description="bound on |σ_min − some singular value|")
+    largest_error: list[float] = Field(description="bound per value of `spectrum.top`")
+    smallest_error: list[float] = Field(description="bound per value of `spectrum.bottom`")
+    structural_zeros: int = Field(
+        description="singular values exactly 0 because inputs are never read (e.g. a 1×1 "
+        "stride-2 conv skips 3 of 4 pixels)"
+    )
+    frobenius_norm: float | None = Field(
+        description="‖A‖_F, exact (null for reflect/replicate boundaries)"
+    )
 
 
 class LayerSpectrum(BaseModel):
@@ -75,11 +127,21 @@ class LayerSpectrum(BaseModel):
     kind: str
     view: str
     matrix_shape: list[int] = Field(description="[rows, columns] of the matrix analyzed")
-    rank: int
-    condition_number: float | None = Field(description="σ₁/σₙ; null when unbounded (σₙ = 0)")
-    stable_rank: float = Field(description="‖W‖²_F / ‖W‖²₂")
+    rank: int | None = Field(description="null for a partial spectrum (it needs every value)")
+    condition_number: float | None = Field(
+        description="σ₁/σₙ; null when unbounded (σₙ = 0). Partial spectrum: from the Lanczos "
+        "extremes (see `extremes.sigma_min_certified`)"
+    )
+    stable_rank: float | None = Field(
+        description="‖W‖²_F / ‖W‖²₂; null for a partial spectrum of a reflect/replicate operator"
+    )
     spectral_norm: float = Field(description="σ₁")
     spectrum: SpectrumSummary
+    extremes: OperatorExtremes | None = Field(
+        default=None,
+        description="operator view, partial spectrum only: how the largest and smallest "
+        "values were computed and their error bounds",
+    )
     padding: str | None = Field(
         default=None, description="operator view: the boundary of the operator analyzed"
     )
@@ -122,13 +184,19 @@ class SignalSpaceMetrics(Metrics):
             "condition number σ₁/σₙ (∞: singular); stable rank ‖W‖²_F/‖W‖²₂; "
             "every singular value is in singular_values.npz"
         )
+        partial = [layer.name for layer in self.layers if not layer.spectrum.complete]
+        if partial:
+            note += (
+                "; partial spectrum (largest and smallest by Lanczos, no rank; they are in "
+                "extreme_singular_values.npz): " + ", ".join(partial)
+            )
         table = Table("Signal spaces: one row per layer", columns, rows, note)
         return [*summary_tables(self, frozenset({"layers"})), table]
 
     def layer_values(self) -> LayerValues:
         return {
             layer.name: {
-                "rank": float(layer.rank),
+                "rank": None if layer.rank is None else float(layer.rank),
                 "condition_number": layer.condition_number,
                 "stable_rank": layer.stable_rank,
                 "spectral_norm": layer.spectral_norm,

@@ -1,6 +1,10 @@
 """``signal_space`` in a worker: the SVDs (``deepscope.analysis.signal_space``), a bounded
 summary per layer, every singular value in ``singular_values.npz``, and the pictures: one
-figure with every layer's spectrum, and per layer its top singular directions and weights."""
+figure with every layer's spectrum, and per layer its top singular directions and weights.
+
+Operator view with a non-circular boundary: a layer whose operator is over the dense limit
+gets a partial spectrum (its largest and smallest values by Lanczos, in
+``extreme_singular_values.npz``), a null rank, no quantiles nor histogram, and a warning."""
 
 from __future__ import annotations
 
@@ -13,7 +17,9 @@ from deepscope import render
 from deepscope.analyses.context import RunContext, safe_name, to_numpy
 from deepscope.analyses.signal_space import LayerSpectrum, SignalSpaceMetrics, SignalSpaceParams
 from deepscope.analysis.layers import LayerKind, WeightLayer, select_layers
+from deepscope.analysis.operator_spectrum import OperatorSpectrum
 from deepscope.analysis.signal_space import (
+    DEFAULT_MAX_DENSE,
     ConvView,
     layer_matrix,
     layer_spectrum_metrics,
@@ -51,36 +57,106 @@ def run(ctx: RunContext) -> SignalSpaceMetrics:
             view,
             input_hw,
             operator_padding=None if params.padding == "layer" else params.padding,
+            k=params.extremes,
         )
     except ValueError as exc:
-        if "too large to decompose" not in str(exc):
+        if "too large even for its extreme" not in str(exc):
             raise
-        # Every singular value of a non-circular operator needs its dense matrix; past a size
-        # only the circular boundary (exact by FFT at any size) answers.
+        # The analysis layer names its own keyword; a job is steered by its params.
         layer = str(exc).split("'")[1] if "'" in str(exc) else "a layer"
         raise ValueError(
-            f"layer {layer}: its operator with the layer's own (zero) padding is too large to "
-            'decompose every singular value; use params {"padding": "circular"} (exact at any '
-            "size), a smaller input, or `layers` to leave it out"
+            f"layer {layer!r}: its operator with a {params.padding} boundary is too large even "
+            "for a Lanczos estimate of its extreme singular values; use params "
+            '{"padding": "circular"} (exact by FFT at any size), a smaller input, or `layers` '
+            "to leave it out"
         ) from None
     ctx.warnings += [f"{s.name}: {s.note}" for s in spectra if s.note]
-    values = {s.name: to_numpy(s.stats.singular_values) for s in spectra}
+    values = {s.name: to_numpy(s.stats.singular_values) for s in spectra if s.stats is not None}
+    extremes = {s.name: s.extremes for s in spectra if s.extremes is not None}
     entries = []
     for s in spectra:
         entry = layer_spectrum_metrics(s)
         entry.pop("singular_values", None)
-        entry["spectrum"] = spectrum_summary(values[s.name])
+        if s.extremes is not None:
+            entry["spectrum"] = _partial_summary(s.extremes)
+            ctx.warnings.append(_partial_warning(s.extremes))
+        else:
+            entry["spectrum"] = spectrum_summary(values[s.name])
         entries.append(LayerSpectrum.model_validate(entry))
-    ctx.add_arrays(
-        "singular_values",
-        "singular_values.npz",
-        values,
-        "every singular value of every layer, descending; key = layer name",
-    )
+    if values:
+        ctx.add_arrays(
+            "singular_values",
+            "singular_values.npz",
+            values,
+            "every singular value of every layer with a complete spectrum, descending; "
+            "key = layer name",
+        )
+    if extremes:
+        ctx.add_arrays(
+            "extreme_singular_values",
+            "extreme_singular_values.npz",
+            {name: _extremes_array(spec) for name, spec in extremes.items()},
+            "layers with a partial spectrum (Lanczos): key = layer name, a (4, k) array of rows "
+            "largest (descending), smallest (ascending), and the error bound of each",
+        )
     if params.images:
         ctx.progress(0.5, "drawing")
         _draw(ctx, params, view, layers, entries)
     return SignalSpaceMetrics(view=view.value, layers=entries)
+
+
+def _partial_summary(spec: OperatorSpectrum) -> dict[str, object]:
+    """The ``spectrum`` entry of a partial spectrum: what the extremes give, nothing invented.
+
+    The profile holds the known values at their true 0-based indices in the descending
+    spectrum of ``count = min(m, n)``: the top at ``0..k−1``, the bottom at ``count−k..count−1``.
+    """
+    count = min(spec.matrix_shape)
+    top = spec.largest.tolist()
+    bottom = spec.smallest.tolist()
+    # A dict by index: top and bottom overlap only when 2k exceeds the count.
+    known = {i: v for i, v in enumerate(top)}
+    known.update({count - 1 - i: v for i, v in enumerate(bottom)})
+    indices = sorted(known)
+    return {
+        "count": count,
+        "complete": False,
+        "max": spec.sigma_max,
+        "min": spec.sigma_min,
+        "profile": {"indices": indices, "values": [known[i] for i in indices]},
+        "top": top,
+        "bottom": bottom,
+        "quantiles": None,
+        "histogram": None,
+    }
+
+
+def _partial_warning(spec: OperatorSpectrum) -> str:
+    m, n = spec.matrix_shape
+    h, w = spec.input_hw
+    k = int(spec.largest.numel())
+    text = (
+        f"{spec.name}: partial spectrum: its {spec.padding.value}-padded operator on {h}×{w} "
+        f"({m}×{n}, {min(m, n)} singular values) is over the dense limit of "
+        f"{DEFAULT_MAX_DENSE}; only the {k} largest and {k} smallest were computed "
+        f"(Lanczos with the conv and its adjoint), so rank, quantiles and histogram are null"
+    )
+    if not spec.converged:
+        text += (
+            f"; Lanczos did not converge: σ_min = {spec.sigma_min:.4g} is an estimate, within "
+            f"{float(spec.smallest_error[0]):.2g} of some singular value"
+        )
+    return text
+
+
+def _extremes_array(spec: OperatorSpectrum) -> np.ndarray:
+    """``(4, k)``: largest, smallest, largest_error, smallest_error."""
+    rows = (spec.largest, spec.smallest, spec.largest_error, spec.smallest_error)
+    width = max(int(r.numel()) for r in rows)
+    out = np.full((4, width), np.nan)
+    for i, row in enumerate(rows):
+        out[i, : row.numel()] = to_numpy(row)
+    return out
 
 
 def _kernel_is_image(layer: WeightLayer) -> bool:
@@ -148,11 +224,16 @@ def _draw(
             values=np.asarray(e.spectrum.profile.values),
             count=e.spectrum.count,
             condition_number=e.condition_number,
+            partial=not e.spectrum.complete,
         )
         for e in entries
     ]
+    partial = any(not e.spectrum.complete for e in entries)
     path = render.spectra_figure(
-        lines, ctx.out_dir / "spectra.png", title=f"signal spaces ({view.value} view)"
+        lines,
+        ctx.out_dir / "spectra.png",
+        title=f"signal spaces ({view.value} view)"
+        + (" — partial spectra: largest and smallest only" if partial else ""),
     )
     ctx.add_file("spectra", path, "every layer's normalized spectrum and condition number")
     first_name = ctx.loaded.layers[0].name

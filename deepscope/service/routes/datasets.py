@@ -5,12 +5,16 @@ The built-ins (``digits``, ``fashion-mnist``) are listed for every tenant and us
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, Request, Response
+import base64
+
+from fastapi import APIRouter, Request, Response
 from fastapi.concurrency import run_in_threadpool
 
 from deepscope.catalog import BUILTIN_DATASETS
 from deepscope.contract import DatasetList, DatasetOut
-from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found
+from deepscope.contract.errors import ProblemType
+from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found, problem
+from deepscope.service.listing import Cursor, Limit, check_cursor
 from deepscope.service.npz import inspect_npz
 from deepscope.service.schemas import dataset_out
 from deepscope.service.uploads import multipart_body, parse_multipart
@@ -41,7 +45,9 @@ def _store(state: ServiceState, tenant: str, name: str | None, path_sink: Upload
     try:
         info = inspect_npz(path_sink.path, max_bytes=8 * state.settings.max_upload_bytes)
     except ValueError as exc:
-        raise HTTPException(422, f"{path_sink.filename or 'file'}: {exc}") from None
+        raise problem(
+            422, ProblemType.INVALID_UPLOAD, f"{path_sink.filename or 'file'}: {exc}"
+        ) from None
     size = path_sink.size
     # Stored and recorded together: a refused registration (the quota) leaves no file.
     with state.backend.stored_upload(path_sink) as sha:
@@ -78,8 +84,9 @@ async def upload_dataset(request: Request, tenant: Tenant, state: State) -> Data
     settings = state.settings
     count = await run_in_threadpool(state.backend.records.count_datasets, tenant)
     if count >= settings.max_datasets_per_tenant:
-        raise HTTPException(
+        raise problem(
             409,
+            ProblemType.QUOTA_EXCEEDED,
             f"dataset limit reached ({settings.max_datasets_per_tenant} per tenant); "
             "delete one first",
         )
@@ -87,7 +94,7 @@ async def upload_dataset(request: Request, tenant: Tenant, state: State) -> Data
     try:
         files = form.files_named("file")
         if not files:
-            raise HTTPException(422, "missing file part 'file' (the .npz)")
+            raise problem(422, ProblemType.INVALID_UPLOAD, "missing file part 'file' (the .npz)")
         files[0].sink.filename = files[0].filename
         return await run_in_threadpool(
             _store, state, tenant, form.fields.get("name") or None, files[0].sink
@@ -96,10 +103,59 @@ async def upload_dataset(request: Request, tenant: Tenant, state: State) -> Data
         form.discard()
 
 
-@router.get("", response_model=DatasetList, responses=errors())
-def list_datasets(tenant: Tenant, state: State) -> DatasetList:
-    own = [dataset_out(r) for r in state.backend.records.list_datasets(tenant)]
-    return DatasetList(datasets=builtin_datasets() + own)
+_BUILTIN_CURSOR = "builtin:"
+
+
+def _builtin_cursor(index: int) -> str:
+    """The cursor of the page that starts at the ``index``-th built-in (past the last: at the
+    tenant's newest dataset)."""
+    return base64.urlsafe_b64encode(f"{_BUILTIN_CURSOR}{index}".encode()).decode().rstrip("=")
+
+
+def _builtin_index(cursor: str) -> int | None:
+    """The built-in a cursor of :func:`_builtin_cursor` starts at; None for another cursor."""
+    try:
+        text = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except ValueError:
+        return None
+    index = text.removeprefix(_BUILTIN_CURSOR)
+    if index == text or not index.isdigit() or len(index) > 4:
+        return None
+    return int(index)
+
+
+@router.get(
+    "",
+    response_model=DatasetList,
+    summary="The built-ins, then the tenant's datasets newest first, a page at a time",
+    responses=errors(422),
+)
+def list_datasets(
+    tenant: Tenant, state: State, limit: Limit = 100, cursor: Cursor = None
+) -> DatasetList:
+    # The built-ins first, then the tenant's own from the index: a cursor is either a
+    # position among the built-ins or one of the index's.
+    builtins = builtin_datasets()
+    start, own_cursor = 0, None
+    if cursor is not None:
+        index = _builtin_index(cursor)
+        if index is None:
+            check_cursor(cursor)
+            start, own_cursor = len(builtins), cursor
+        else:
+            start = min(index, len(builtins))
+    out = builtins[start : start + limit]
+    if start + limit < len(builtins):
+        return DatasetList(datasets=out, next_cursor=_builtin_cursor(start + limit))
+    room = limit - len(out)
+    if room == 0:
+        more = state.backend.records.count_datasets(tenant) > 0
+        return DatasetList(
+            datasets=out, next_cursor=_builtin_cursor(len(builtins)) if more else None
+        )
+    recs, next_cursor = state.backend.records.page_datasets(tenant, room, own_cursor)
+    out += [dataset_out(r) for r in recs]
+    return DatasetList(datasets=out, next_cursor=next_cursor)
 
 
 @router.get("/{dataset_id}", response_model=DatasetOut, responses=errors(404))
@@ -116,7 +172,11 @@ def get_dataset(dataset_id: str, tenant: Tenant, state: State) -> DatasetOut:
 @router.delete("/{dataset_id}", status_code=204, responses=errors(404, 409))
 def delete_dataset(dataset_id: str, tenant: Tenant, state: State) -> Response:
     if dataset_id in BUILTIN_DATASETS:
-        raise HTTPException(409, f"{dataset_id!r} is built in and cannot be deleted")
+        raise problem(
+            409,
+            ProblemType.BUILTIN_DATASET,
+            f"{dataset_id!r} is built in and cannot be deleted",
+        )
     rec = state.backend.records.get_dataset(dataset_id, tenant)
     if rec is None:
         raise not_found("dataset", dataset_id)

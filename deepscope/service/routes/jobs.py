@@ -2,20 +2,46 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, HTTPException, Query, Response
+from fastapi import APIRouter, Body, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
 from deepscope.analyses.registry import DEFAULT_MAX_STEPS, AnalysisParams, parse_params
 from deepscope.catalog import BUILTIN_DATASETS
 from deepscope.contract import JobIn, JobList, JobOut, JobStatus
-from deepscope.contract.errors import describe_errors
-from deepscope.service.deps import ServiceState, State, Tenant, errors, not_found
+from deepscope.contract.errors import ProblemType, describe_errors
+from deepscope.service.deps import (
+    ServiceState,
+    State,
+    Tenant,
+    errors,
+    field_errors,
+    not_found,
+    problem,
+)
+from deepscope.service.idempotency import (
+    REPLAYED_HEADER,
+    Claim,
+    IdempotencyKey,
+    begin,
+    forget,
+    request_hash,
+)
+from deepscope.service.listing import (
+    Cursor,
+    LabelFilter,
+    Limit,
+    check_cursor,
+    label_filters,
+    labels_match,
+)
 from deepscope.service.routes.models import require_ready
 from deepscope.service.schemas import job_out
 from deepscope.service.typed import job_models
+from deepscope.service.waiting import MAX_WAIT_S
+from deepscope.service.webhooks import allowed_callback
 from deepscope.store.lifecycle import JobConflictError
 from deepscope.store.records import JobRecord, ModelRecord, is_id
 
@@ -44,14 +70,16 @@ def resolve_dataset(
             raise not_found("dataset", dataset)
         shape = rec.input_shape
     else:
-        raise HTTPException(
+        raise problem(
             422,
+            ProblemType.INVALID_PARAMS,
             f"unknown dataset {dataset!r}: use {', '.join(BUILTIN_DATASETS)} or the id of a "
             "dataset uploaded with POST /v1/datasets",
         )
     if model.input_shape and shape != model.input_shape:
-        raise HTTPException(
+        raise problem(
             422,
+            ProblemType.INVALID_PARAMS,
             f"dataset {dataset!r} has {'×'.join(map(str, shape))} images but the model takes "
             f"{'×'.join(map(str, model.input_shape))}",
         )
@@ -68,17 +96,28 @@ def build_router() -> APIRouter:
     models = job_models()
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-    async def submit_job(body: JobIn, tenant: Tenant, state: State) -> Response:
+    async def submit_job(
+        body: JobIn, tenant: Tenant, state: State, idempotency_key: IdempotencyKey = None
+    ) -> Response:
         # The Redis work in one thread-pool hop; the response is serialized on the event loop
         # (a plain-function route would cost a second hop for that). The JobOut is ours, so
         # it is written as JSON at once rather than validated again against the response
         # model (which documents it): the submission path is the API's hottest.
-        out = await run_in_threadpool(_submit, body, tenant, state)
+        headers: dict[str, str] = {}
+        if idempotency_key is None:
+            out = await run_in_threadpool(_submit, body, tenant, state)
+        else:
+            out, replayed = await run_in_threadpool(
+                _submit_once, body, tenant, state, idempotency_key
+            )
+            if replayed:
+                headers[REPLAYED_HEADER] = "true"
+        headers["Location"] = f"/v1/jobs/{out.id}"
         return Response(
             out.model_dump_json(by_alias=True),
             status_code=202,
             media_type="application/json",
-            headers={"Location": f"/v1/jobs/{out.id}"},
+            headers=headers,
         )
 
     # The body's type exists only now (the registry's union), so it is set as an object, not
@@ -94,24 +133,63 @@ def build_router() -> APIRouter:
         responses=errors(404, 409, 422, 429),
     )
 
-    @router.get("", response_model=JobList, responses=errors(422))
+    @router.get(
+        "",
+        response_model=JobList,
+        summary="The tenant's jobs, newest first, a page at a time (filters before the limit)",
+        responses=errors(422),
+    )
     def list_jobs(
         tenant: Tenant,
         state: State,
         status: Annotated[JobStatus | None, Query(description="only jobs in this status")] = None,
-        limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+        analysis: Annotated[str | None, Query(description="only jobs of this analysis")] = None,
+        model_id: Annotated[str | None, Query(description="only jobs of this model")] = None,
+        label: LabelFilter = None,
+        limit: Limit = 100,
+        cursor: Cursor = None,
     ) -> JobList:
-        out = []
-        for rec in state.backend.records.list_jobs(tenant, limit):
-            rec, meta = state.backend.refresh_job(rec)
-            if status is None or rec.status is status:
-                # Listings leave results out; GET /v1/jobs/{id} has them.
-                out.append(job_out(rec, None, meta))
-        return JobList(jobs=out)
+        check_cursor(cursor)
+        wanted = label_filters(label)
+        metas: dict[str, dict[str, Any]] = {}
+
+        def keep(rec: JobRecord) -> JobRecord | None:
+            # The record's fixed fields first: only a job they keep has its live status read.
+            if analysis is not None and rec.analysis != analysis:
+                return None
+            if model_id is not None and rec.model_id != model_id:
+                return None
+            if not labels_match(rec.labels, wanted):
+                return None
+            rec, metas[rec.id] = state.backend.refresh_job(rec)
+            return rec if status is None or rec.status is status else None
+
+        recs, next_cursor = state.backend.records.page_jobs(tenant, limit, cursor, keep)
+        # Listings leave results out; GET /v1/jobs/{id} has them.
+        jobs = [job_out(rec, None, metas.get(rec.id)) for rec in recs]
+        return JobList(jobs=jobs, next_cursor=next_cursor)
 
     @router.get("/{job_id}", response_model=models.job_out, responses=errors(404))
-    async def get_job(job_id: str, tenant: Tenant, state: State) -> JobOut:
-        return await run_in_threadpool(_get, job_id, tenant, state)
+    async def get_job(
+        job_id: str,
+        tenant: Tenant,
+        state: State,
+        wait: Annotated[
+            float,
+            Query(
+                ge=0,
+                le=MAX_WAIT_S,
+                description="answer as soon as the job ends, or after this many seconds "
+                "(long polling; 0: at once)",
+            ),
+        ] = 0.0,
+    ) -> JobOut:
+        async def read() -> JobOut:
+            return await run_in_threadpool(_get, job_id, tenant, state)
+
+        if wait <= 0:
+            return await read()
+        return await state.job_waiter().wait(job_id, wait, read)
 
     @router.delete(
         "/{job_id}",
@@ -127,13 +205,39 @@ def build_router() -> APIRouter:
         try:
             rec = state.backend.cancel_job(rec)
         except JobConflictError as exc:
-            raise HTTPException(409, str(exc)) from None
+            raise problem(409, ProblemType.JOB_FINISHED, str(exc)) from None
         return job_out(rec)
 
     return router
 
 
+def _submit_once(body: JobIn, tenant: str, state: ServiceState, key: str) -> tuple[JobOut, bool]:
+    """:func:`_submit` under an Idempotency-Key. → (the job, whether it is a replay)."""
+    digest = request_hash(body.model_dump(mode="json"))
+    for _ in range(2):
+        started = begin(state, tenant, "jobs", key, digest)
+        if isinstance(started, Claim):
+            try:
+                out = _submit(body, tenant, state)
+            except BaseException:
+                started.release()
+                raise
+            started.finish(out.id, 202)
+            return out, False
+        rec = state.backend.records.get_job(started.obj_id, tenant)
+        if rec is not None:
+            return _view(state, rec), True
+        forget(state, tenant, "jobs", key, started)  # its job is gone: submit it again
+    raise problem(
+        409,
+        ProblemType.IDEMPOTENCY_IN_PROGRESS,
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+        headers={"Retry-After": "1"},
+    )
+
+
 def _submit(body: JobIn, tenant: str, state: ServiceState) -> JobOut:
+    callback_url = allowed_callback(body.callback_url, state)
     model = state.backend.model_for_job(body.model_id, tenant)
     if model is None:
         raise not_found("model", body.model_id)
@@ -148,12 +252,26 @@ def _submit(body: JobIn, tenant: str, state: ServiceState) -> JobOut:
                 max_steps=state.settings.max_steps,
             )
         except ValidationError as exc:
-            raise HTTPException(422, "invalid params: " + describe_errors(exc.errors())) from None
+            raise problem(
+                422,
+                ProblemType.INVALID_PARAMS,
+                "invalid params: " + describe_errors(exc.errors()),
+                errors=field_errors(exc.errors(), prefix=("body", "params")),
+            ) from None
     require_ready(model)
     dataset = resolve_dataset(state, tenant, model, body.dataset)
-    rec = state.backend.submit_analysis(tenant, model, body.analysis, params, dataset)
+    submitted = state.backend.submit_analysis(
+        tenant,
+        model,
+        body.analysis,
+        params,
+        dataset,
+        labels=body.labels,
+        callback_url=callback_url,
+    )
+    rec = submitted.record
     state.metrics.jobs_submitted.labels(rec.analysis, str(rec.cached).lower()).inc()
-    return job_out(rec, state.backend.result_of(rec))
+    return job_out(rec, submitted.result)
 
 
 def _get(job_id: str, tenant: str, state: ServiceState) -> JobOut:

@@ -1,6 +1,9 @@
 """The pages a browser opens: ``GET /v1/jobs/{id}/report`` (pictures, metrics as tables,
 spectra) and ``GET /v1/ui`` (the tenant's models and jobs), reached with a signed read-only link.
 
+``?baseline={id}`` adds a comparison with another job of the same analysis: the per-layer
+differences of every numeric metric, both jobs' spectra and their ratio.
+
 ``GET /v1/jobs/{id}/report?standalone=true`` is the same report as one self-contained file
 (pictures as ``data:`` URLs, scripts and styles inlined), to keep with a CI run and open from
 disk; it takes the same key or link.
@@ -21,7 +24,7 @@ from fastapi import APIRouter, Form, HTTPException, Query, Request
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from deepscope.contract import JobOut, LinkOut
+from deepscope.contract import CompareOut, JobOut, LinkOut
 from deepscope.contract.tables import Table
 from deepscope.service.deps import (
     Bearer,
@@ -36,10 +39,13 @@ from deepscope.service.deps import (
 from deepscope.service.links import MAX_TTL_S, SCOPE_UI, job_scope
 from deepscope.service.report import (
     CHART_SCRIPTS,
+    COMPARE_SCRIPTS,
     HTML_HEADERS,
     Figure,
     chart_css,
     chart_data,
+    compare_chart_data,
+    compare_table,
     data_uri,
     downloads,
     figures,
@@ -56,7 +62,7 @@ from deepscope.service.schemas import job_out, model_out
 from deepscope.store.records import JobRecord
 from deepscope.store.storage import Storage
 
-__all__ = ["router"]
+__all__ = ["compare_scope", "router", "standalone_report"]
 
 router = APIRouter(tags=["ui"])
 
@@ -87,6 +93,18 @@ def _base_url(request: Request) -> str:
     return str(request.base_url).rstrip("/")
 
 
+def compare_scope(job_id: str, baseline_id: str) -> str:
+    """The scope of a link to a job's report compared with a baseline: a link for the job
+    alone does not show another job's numbers."""
+    return f"{job_scope(job_id)}+baseline:{baseline_id}"
+
+
+def _scopes(job_id: str, baseline_id: str | None) -> tuple[str, ...]:
+    if baseline_id is None:
+        return (SCOPE_UI, job_scope(job_id))
+    return (SCOPE_UI, compare_scope(job_id, baseline_id))
+
+
 # --- links --------------------------------------------------------------------------------
 
 
@@ -101,17 +119,25 @@ def make_link(
     state: State,
     job_id: Annotated[str | None, Query(description="a job: its report; none: the index")] = None,
     ttl: Annotated[int, Query(ge=60, le=MAX_TTL_S, description="seconds the link lives")] = 3600,
+    baseline: Annotated[
+        str | None, Query(description="with job_id: its report compared with this job")
+    ] = None,
 ) -> LinkOut:
+    extra = ""
     if job_id is None:
         link = state.signer.sign_for(tenant, SCOPE_UI, ttl)
         path = "/v1/ui"
     else:
-        if state.backend.records.get_job(job_id, tenant) is None:
-            raise not_found("job", job_id)
-        link = state.signer.sign_for(tenant, job_scope(job_id), ttl)
+        for ident in (job_id, baseline):
+            if ident is not None and state.backend.records.get_job(ident, tenant) is None:
+                raise not_found("job", ident)
+        scope = job_scope(job_id) if baseline is None else compare_scope(job_id, baseline)
+        link = state.signer.sign_for(tenant, scope, ttl)
         path = f"/v1/jobs/{job_id}/report"
+        extra = "" if baseline is None else f"&baseline={baseline}"
     return LinkOut(
-        url=f"{path}?{link.query()}", expires_at=datetime.fromtimestamp(link.expires, UTC)
+        url=f"{path}?{link.query()}{extra}",
+        expires_at=datetime.fromtimestamp(link.expires, UTC),
     )
 
 
@@ -225,16 +251,45 @@ def _read_artifact(storage: Storage, rec: JobRecord, url: str) -> bytes:
         return f.read()
 
 
+def _comparison(
+    state: ServiceState, tenant: str, job: JobOut, baseline_id: str
+) -> tuple[CompareOut, dict[str, Any] | None]:
+    """The comparison of ``job`` with the baseline (its errors as the compare route's) and
+    what compare.js draws of it."""
+    # Imported here: the results routes import this module (for the bundle's report).
+    from deepscope.service.routes.results import compare_jobs
+
+    diff = compare_jobs(state, tenant, job.id, baseline_id)
+    base = state.backend.records.get_job(baseline_id, tenant)
+    result = state.backend.result_of(base) if base is not None else None
+    charts = None
+    if job.result is not None and result is not None:
+        charts = compare_chart_data(
+            job.result.metrics.model_dump(mode="json"), result.get("metrics") or {}, baseline_id
+        )
+    return diff, charts
+
+
 def _report(
-    state: ServiceState, access: PageAccess, job_id: str, base_url: str, standalone: bool
+    state: ServiceState,
+    access: PageAccess,
+    job_id: str,
+    base_url: str,
+    standalone: bool,
+    baseline_id: str | None = None,
 ) -> tuple[str, dict[str, str]]:
-    """The report page and its headers; ``standalone``: as one file that needs no server."""
+    """The report page and its headers; ``standalone``: as one file that needs no server;
+    ``baseline_id``: compared with that job."""
     backend = state.backend
     rec = backend.records.get_job(job_id, access.tenant)
     if rec is None:
         raise not_found("job", job_id)
     rec, meta = backend.refresh_job(rec)
     job = job_out(rec, backend.result_of(rec), meta)
+    diff: CompareOut | None = None
+    compare_charts = None
+    if baseline_id is not None:
+        diff, compare_charts = _comparison(state, access.tenant, job, baseline_id)
     model_rec = backend.records.get_model(job.model_id, access.tenant)
     model = model_out(model_rec) if model_rec is not None else None
     link = state.signer.sign(access.tenant, job_scope(job.id), access.expires)
@@ -250,7 +305,11 @@ def _report(
         tables = job.result.metrics.tables()
         predictions = prediction_table(job)
         charts = chart_data(job.result.metrics.model_dump(mode="json"))
+    if diff is not None:
+        tables = [compare_table(diff), *tables]
     names = [*CHART_SCRIPTS, "ui.js"] if charts else ["ui.js"]
+    if compare_charts:
+        names = [*CHART_SCRIPTS, *COMPARE_SCRIPTS, "ui.js"]
     missing: list[str] = []
     headers = HTML_HEADERS
     context: dict[str, Any] = {}
@@ -279,8 +338,17 @@ def _report(
         }
     else:
         context = {"scripts": served_scripts(names)}
+        # A page compared with a baseline keeps it in its own links (and the link's scope).
+        baseline_query = f"&baseline={baseline_id}" if baseline_id is not None else ""
+        page_link = link
+        if baseline_id is not None:
+            page_link = state.signer.sign(
+                access.tenant, compare_scope(job.id, baseline_id), access.expires
+            )
         if job.result is not None:
-            context["standalone_url"] = f"/v1/jobs/{job.id}/report?{link.query()}&standalone=true"
+            context["standalone_url"] = (
+                f"/v1/jobs/{job.id}/report?{page_link.query()}{baseline_query}&standalone=true"
+            )
         if access.scope in (None, SCOPE_UI):  # a link for one job leads nowhere else
             index = state.signer.sign(access.tenant, SCOPE_UI, access.expires)
             context["index_url"] = f"/v1/ui?{index.query()}"
@@ -298,6 +366,9 @@ def _report(
         charts=charts,
         charts_json=script_json(charts) if charts else None,
         chart_css=chart_css() if charts else None,
+        baseline_id=baseline_id,
+        compare_charts=compare_charts,
+        compare_json=script_json(compare_charts) if compare_charts else None,
         standalone=standalone,
         expires=datetime.fromtimestamp(access.expires, UTC),
         base_url=base_url,
@@ -308,12 +379,17 @@ def _report(
     return page, headers
 
 
+def standalone_report(state: ServiceState, access: PageAccess, job_id: str, base_url: str) -> str:
+    """The self-contained report of a job, as ``?standalone=true`` serves it (for bundles)."""
+    return _report(state, access, job_id, base_url, True)[0]
+
+
 @router.get(
     "/v1/jobs/{job_id}/report",
     response_class=HTMLResponse,
     tags=["jobs"],
     summary="The job's report: pictures, metrics as tables, interactive spectra (HTML)",
-    responses={**_HTML, **errors(404)},
+    responses={**_HTML, **errors(404, 409, 422)},
 )
 async def report(
     job_id: str,
@@ -327,13 +403,20 @@ async def report(
             "and open from disk, sent as an attachment"
         ),
     ] = False,
+    baseline: Annotated[
+        str | None,
+        Query(
+            description="compare with this job (same analysis): per-layer differences of every "
+            "numeric metric, both spectra and their ratio"
+        ),
+    ] = None,
     t: Annotated[str | None, Query(description=_LINK_QUERY["t"])] = None,
     exp: Annotated[str | None, Query(description=_LINK_QUERY["exp"])] = None,
     sig: Annotated[str | None, Query(description=_LINK_QUERY["sig"])] = None,
 ) -> HTMLResponse:
     del t, exp, sig  # read by key_or_link; declared for the OpenAPI schema
-    access = key_or_link(request, credentials, (SCOPE_UI, job_scope(job_id)))
+    access = key_or_link(request, credentials, _scopes(job_id, baseline))
     page, headers = await run_in_threadpool(
-        _report, state, access, job_id, _base_url(request), standalone
+        _report, state, access, job_id, _base_url(request), standalone, baseline
     )
     return HTMLResponse(page, headers=headers)

@@ -109,12 +109,26 @@
   function spectraChart(el, layers) {
     // One [x, y] table per layer (x = (index + 1) / count); uPlot.join aligns them on the union
     // of the x values, leaving undefined where a layer has no point (hover skips those).
+    const gaps = new Set(); // x of the breaks of partial spectra (no value was computed)
     const tables = layers.map((layer) => {
       const s = layer.spectrum;
       const top = s.max > 0 ? s.max : s.profile.values[0];
-      const xs = s.profile.indices.map((i) => (i + 1) / s.count);
-      // A zero σ has no place on a log axis: it is a gap (the rank column says how many).
-      const ys = s.profile.values.map((v) => (v != null && v > 0 && top > 0 ? v / top : null));
+      const xs = [];
+      const ys = [];
+      s.profile.indices.forEach((i, k) => {
+        // A partial spectrum (complete: false, the largest and smallest values only) is not
+        // joined across the unknown middle: a null point there breaks the line.
+        if (s.complete === false && k > 0 && i > s.profile.indices[k - 1] + 1) {
+          const gap = (i + s.profile.indices[k - 1]) / 2 / s.count;
+          xs.push(gap);
+          ys.push(null);
+          gaps.add(gap);
+        }
+        const v = s.profile.values[k];
+        xs.push((i + 1) / s.count);
+        // A zero σ has no place on a log axis: it is a gap (the rank column says how many).
+        ys.push(v != null && v > 0 && top > 0 ? v / top : null);
+      });
       return [xs, ys];
     });
     const series = [
@@ -126,10 +140,10 @@
           label: layer.name,
           stroke: color(j),
           width: 1.6,
-          points: { show: false },
+          points: { show: s.complete === false },
           value: (u, v, seriesIdx, idx) => {
             if (idx == null) return "—";
-            if (v == null) return "0";
+            if (v == null) return gaps.has(u.data[0][idx]) ? "not computed" : "0";
             const i = Math.round(u.data[0][idx] * s.count);
             return `${fmt(v)} (σ${i} = ${fmt(v * top)})`;
           },
