@@ -198,8 +198,9 @@ def _profile_indices(count: int, points: int = PROFILE_POINTS) -> list[int]:
 
 
 def spectrum_of(layer: dict[str, Any]) -> dict[str, Any] | None:
-    """A layer's spectrum as the page draws it: ``{count, max, min, profile: {indices, values}}``
-    (the singular values at those 0-based indices, descending).
+    """A layer's spectrum as the page draws it: ``{count, max, min, complete, profile: {indices,
+    values}}`` (the singular values at those 0-based indices, descending; ``complete`` false for
+    a partial spectrum, its largest and smallest values only, which the page does not join).
 
     Taken from the layer's ``spectrum`` (bounded results); for results made before those,
     thinned from the full ``singular_values``. None without either, or when it does not hold
@@ -218,6 +219,7 @@ def spectrum_of(layer: dict[str, Any]) -> dict[str, Any] | None:
         ):
             return None
         top, bottom = spectrum.get("max"), spectrum.get("min")
+        complete = spectrum.get("complete") is not False
     else:
         full = layer.get("singular_values")
         if not isinstance(full, list):
@@ -226,6 +228,7 @@ def spectrum_of(layer: dict[str, Any]) -> dict[str, Any] | None:
         indices = _profile_indices(count)
         values = [full[i] for i in indices]
         top, bottom = (full[0], full[-1]) if full else (None, None)
+        complete = True
     if count == 0 or not indices:
         return None
     shown = [_short(v) for v in values]
@@ -233,6 +236,7 @@ def spectrum_of(layer: dict[str, Any]) -> dict[str, Any] | None:
         "count": count,
         "max": _short(top) if _finite(top) is not None else shown[0],
         "min": _short(bottom) if _finite(bottom) is not None else shown[-1],
+        "complete": complete,
         "profile": {"indices": indices, "values": shown},
     }
 

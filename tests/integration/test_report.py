@@ -247,6 +247,7 @@ def test_chart_data_reads_bounded_spectra_and_old_full_lists() -> None:
     assert (old["count"], old["max"], old["min"]) == (1000, 1000.0, 1.0)
     small = spectrum_of({"singular_values": [3.0, 2.0, 0.0]})
     assert small is not None and small["profile"] == {"indices": [0, 1, 2], "values": [3, 2, 0]}
+    assert small["complete"] is True
     # Bounded results: taken as they are.
     bounded = {
         "count": 5000,
@@ -257,7 +258,11 @@ def test_chart_data_reads_bounded_spectra_and_old_full_lists() -> None:
         "bottom": [1e-9],
     }
     drawn = spectrum_of({"spectrum": bounded})
-    assert drawn == {k: bounded[k] for k in ("count", "max", "min", "profile")}
+    assert drawn == {k: bounded[k] for k in ("count", "max", "min", "profile")} | {"complete": True}
+    # A partial spectrum (Lanczos: the largest and smallest only) says so: the page leaves the
+    # unknown middle out rather than drawing a line across it.
+    partial = spectrum_of({"spectrum": {**bounded, "complete": False}})
+    assert partial is not None and partial["complete"] is False
     # What does not hold together is not drawn; NaN and ∞ become null (JSON has neither).
     assert spectrum_of({"spectrum": {**bounded, "profile": {"indices": [0], "values": []}}}) is None
     assert spectrum_of({"spectrum": {**bounded, "count": 2}}) is None

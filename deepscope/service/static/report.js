@@ -109,28 +109,36 @@
   function spectraChart(el, layers) {
     // One [x, y] table per layer (x = (index + 1) / count); uPlot.join aligns them on the union
     // of the x values, leaving undefined where a layer has no point (hover skips those).
-    const gaps = new Set(); // x of the breaks of partial spectra (no value was computed)
-    const tables = layers.map((layer) => {
+    // The unknown middle of each partial spectrum (complete: false, its largest and smallest
+    // values only): [x after the last largest, x of the first smallest], per layer.
+    const unknown = layers.map(() => null);
+    const tables = layers.map((layer, j) => {
       const s = layer.spectrum;
       const top = s.max > 0 ? s.max : s.profile.values[0];
-      const xs = [];
-      const ys = [];
-      s.profile.indices.forEach((i, k) => {
-        // A partial spectrum (complete: false, the largest and smallest values only) is not
-        // joined across the unknown middle: a null point there breaks the line.
-        if (s.complete === false && k > 0 && i > s.profile.indices[k - 1] + 1) {
-          const gap = (i + s.profile.indices[k - 1]) / 2 / s.count;
-          xs.push(gap);
-          ys.push(null);
-          gaps.add(gap);
+      const xs = s.profile.indices.map((i) => (i + 1) / s.count);
+      // A zero σ has no place on a log axis: it is a gap (the rank column says how many).
+      const ys = s.profile.values.map((v) => (v != null && v > 0 && top > 0 ? v / top : null));
+      if (s.complete === false) {
+        const k = s.profile.indices.findIndex((i, n) => n > 0 && i > s.profile.indices[n - 1] + 1);
+        if (k > 0) {
+          unknown[j] = [xs[k - 1], xs[k]];
+          // One null inside, so that the line breaks even where no other layer has a point.
+          xs.splice(k, 0, (xs[k - 1] + xs[k]) / 2);
+          ys.splice(k, 0, null);
         }
-        const v = s.profile.values[k];
-        xs.push((i + 1) / s.count);
-        // A zero σ has no place on a log axis: it is a gap (the rank column says how many).
-        ys.push(v != null && v > 0 && top > 0 ? v / top : null);
-      });
+      }
       return [xs, ys];
     });
+    const data = uPlot.join(tables);
+    // uPlot breaks a line only at null, and only between the null's neighbours in the joined x
+    // values: every x of another layer inside the unknown middle is made null for this one.
+    unknown.forEach((range, j) => {
+      if (range == null) return;
+      data[0].forEach((x, idx) => {
+        if (x > range[0] && x < range[1]) data[j + 1][idx] = null;
+      });
+    });
+    const notComputed = (j, x) => unknown[j] != null && x > unknown[j][0] && x < unknown[j][1];
     const series = [
       { label: "i/n", value: (u, v) => (v == null ? "—" : v.toFixed(4)) },
       ...layers.map((layer, j) => {
@@ -143,7 +151,7 @@
           points: { show: s.complete === false },
           value: (u, v, seriesIdx, idx) => {
             if (idx == null) return "—";
-            if (v == null) return gaps.has(u.data[0][idx]) ? "not computed" : "0";
+            if (v == null) return notComputed(j, u.data[0][idx]) ? "not computed" : "0";
             const i = Math.round(u.data[0][idx] * s.count);
             return `${fmt(v)} (σ${i} = ${fmt(v * top)})`;
           },
@@ -172,7 +180,7 @@
       cursor: { focus: { prox: 24 } },
       legend: { live: true },
     };
-    return new uPlot(opts, uPlot.join(tables), el);
+    return new uPlot(opts, data, el);
   }
 
   function conditionChart(el, layers) {
