@@ -103,7 +103,7 @@ def error_from_rq(state: RQState) -> JobError:
 #: Seconds a ready model's record is reused by :meth:`Backend.model_for_job`, and how many.
 _READY_CACHE_S = 2.0
 _READY_CACHE_SIZE = 1024
-#: How many cache keys :meth:`Backend.submit_analysis` remembers as answered.
+#: How many cache entries :meth:`Backend.submit_analysis` remembers as answered.
 _ANSWERED_SIZE = 4096
 
 
@@ -127,8 +127,9 @@ class Backend:
         self.storage = storage if storage is not None else Storage(settings.storage_location)
         #: (tenant, model id) → (when, record) of ready models: :meth:`model_for_job`.
         self._ready: dict[tuple[str, str], tuple[float, ModelRecord]] = {}
-        #: Cache keys the result cache answered lately in this process (bounded): another
-        #: submission of one is likely answered too (:meth:`submit_analysis`).
+        #: Result-cache entries (tenant and key) that answered lately in this process
+        #: (bounded): another submission of one is likely answered too
+        #: (:meth:`submit_analysis`).
         self._answered: dict[str, None] = {}
         add_private_root(settings.data_dir)
         if self.storage.local:
@@ -354,7 +355,8 @@ class Backend:
         # cache lately (for a hit, making those commands would be wasted work).
         job_id = new_id()
         queue = lifecycle.fixed_queue(analysis, gpu_fallback=self.settings.gpu_queue_fallback)
-        likely_hit = key in self._answered
+        cache_name = self.records.cache_name(tenant, key)
+        likely_hit = cache_name in self._answered
         rec = None
         if queue is not None and not likely_hit:
             rec = self._queued_record(job_id, queue, common)
@@ -363,7 +365,7 @@ class Backend:
             self.settings,
             tenant,
             job_id,
-            self.records.cache_name(tenant, key),
+            cache_name,
             hit_prefixes=(Records.JOB_KEY_PREFIX, Records.RESULT_KEY_PREFIX),
             then=() if rec is None else self._queue_commands(rec, model),
         )
@@ -373,11 +375,11 @@ class Backend:
         if cached is not None and hit is None:
             admitted = fairness.admit(self.redis, self.settings, tenant, job_id)
         if hit is None:
-            self._answered.pop(key, None)
+            self._answered.pop(cache_name, None)
         else:
             if len(self._answered) >= _ANSWERED_SIZE:
                 self._answered.clear()
-            self._answered[key] = None
+            self._answered[cache_name] = None
             source, result = hit
             now = utcnow()
             rec = JobRecord(

@@ -148,11 +148,23 @@ def test_a_cache_hit_reads_the_cached_job_in_the_admission_round_trip(backend: B
     bob = backend.submit_analysis("bob", _model("bob"), "residuals", params, "digits")
     assert not bob.record.cached and bob.record.status is JobStatus.QUEUED
 
+    # The entry gone (a flushed cache) while the process expects a hit: admitted by the
+    # script, then written and queued by the transaction.
+    cache_name = backend.records.cache_name("alice", first.cache_key)
+    redis.delete(cache_name)
+    before = _calls(redis)
+    queued = backend.submit_analysis("alice", model, "residuals", params, "digits").record
+    calls = _new_calls(redis, before)
+    assert calls.pop("evalsha") == 1 and calls.pop("exec") == 1, calls
+    assert not queued.cached and rq_state(redis, queued.id) is not None
+    assert queued.id.encode() in redis.smembers("ds:active:alice")
+    backend.records.cache_set("alice", first.cache_key, first.id)
+
     # A cache entry whose job is gone is dropped, and the job is queued (the transaction).
     redis.delete(f"ds:job:{first.id}")
     again = backend.submit_analysis("alice", model, "residuals", params, "digits").record
     assert not again.cached and again.status is JobStatus.QUEUED
-    assert redis.get(backend.records.cache_name("alice", first.cache_key)) is None
+    assert redis.get(cache_name) is None
     stored = backend.records.get_job(again.id, "alice")
     assert stored is not None and json.loads(stored.model_dump_json()) == json.loads(
         again.model_dump_json()
