@@ -100,6 +100,11 @@ class Metrics:
         )  # fmt: skip
         self.job_stats = JobStatsCollector()
         self.registry.register(self.job_stats)
+        # Each label set's children, found once: ``labels()`` builds and looks up its key
+        # under a lock on every call, and every request counts (the label sets are few:
+        # route templates, methods, statuses, analyses).
+        self._observed: dict[tuple[str, str, int], tuple[Counter, Histogram]] = {}
+        self._submitted: dict[tuple[str, bool], Counter] = {}
 
     def refresh(self, redis: Redis, settings: Settings) -> None:
         """Read queue depths, running jobs, live workers (by heartbeat) and job statistics
@@ -117,8 +122,23 @@ class Metrics:
             pass
 
     def observe(self, method: str, route: str, status: int, seconds: float) -> None:
-        self.requests.labels(method, route, str(status)).inc()
-        self.duration.labels(method, route).observe(seconds)
+        children = self._observed.get((method, route, status))
+        if children is None:
+            children = self._observed[(method, route, status)] = (
+                self.requests.labels(method, route, str(status)),
+                self.duration.labels(method, route),
+            )
+        children[0].inc()
+        children[1].observe(seconds)
+
+    def submitted(self, analysis: str, cached: bool) -> None:
+        """Count a submitted job (``deepscope_jobs_submitted_total``)."""
+        child = self._submitted.get((analysis, cached))
+        if child is None:
+            child = self._submitted[(analysis, cached)] = self.jobs_submitted.labels(
+                analysis, str(cached).lower()
+            )
+        child.inc()
 
 
 class MetricsMiddleware:

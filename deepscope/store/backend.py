@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel
 from redis import Redis
+from redis.client import Pipeline
 from redis.lock import Lock
 
 from deepscope import __version__
@@ -46,6 +47,7 @@ from deepscope.store.records import (
     Records,
     cache_key,
     canonical_json,
+    is_id,
     new_id,
     utcnow,
 )
@@ -101,6 +103,8 @@ def error_from_rq(state: RQState) -> JobError:
 #: Seconds a ready model's record is reused by :meth:`Backend.model_for_job`, and how many.
 _READY_CACHE_S = 2.0
 _READY_CACHE_SIZE = 1024
+#: How many cache entries :meth:`Backend.submit_analysis` remembers as answered.
+_ANSWERED_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -123,6 +127,10 @@ class Backend:
         self.storage = storage if storage is not None else Storage(settings.storage_location)
         #: (tenant, model id) → (when, record) of ready models: :meth:`model_for_job`.
         self._ready: dict[tuple[str, str], tuple[float, ModelRecord]] = {}
+        #: Result-cache entries (tenant and key) that answered lately in this process
+        #: (bounded): another submission of one is likely answered too
+        #: (:meth:`submit_analysis`).
+        self._answered: dict[str, None] = {}
         add_private_root(settings.data_dir)
         if self.storage.local:
             add_private_root(self.storage.root)
@@ -340,15 +348,38 @@ class Backend:
             "callback_url": callback_url,
         }
         # One round trip for the cache lookup and the tenant's admission (the submission path
-        # is the API's hottest): a cached answer takes no slot.
+        # is the API's hottest): a cached answer takes no slot, and comes with the cached
+        # job's record and result. When the job's queue is known without asking Redis, the
+        # same script also writes the record and the queue entry if it admits the job, so a
+        # new computation costs that one round trip; unless the key was answered from the
+        # cache lately (for a hit, making those commands would be wasted work).
         job_id = new_id()
-        admitted, hit_id = fairness.admit_unless_cached(
-            self.redis, self.settings, tenant, job_id, self.records.cache_name(tenant, key)
+        queue = lifecycle.fixed_queue(analysis, gpu_fallback=self.settings.gpu_queue_fallback)
+        cache_name = self.records.cache_name(tenant, key)
+        likely_hit = cache_name in self._answered
+        rec = None
+        if queue is not None and not likely_hit:
+            rec = self._queued_record(job_id, queue, common)
+        admitted, cached = fairness.admit_unless_cached(
+            self.redis,
+            self.settings,
+            tenant,
+            job_id,
+            cache_name,
+            hit_prefixes=(Records.JOB_KEY_PREFIX, Records.RESULT_KEY_PREFIX),
+            then=() if rec is None else self._queue_commands(rec, model),
         )
-        hit = None if hit_id is None else self._cache_source(tenant, key, hit_id)
-        if hit_id is not None and hit is None:
+        if admitted and rec is not None:
+            return Submission(rec)  # written and queued by the script
+        hit = None if cached is None else self._cache_source(tenant, key, cached)
+        if cached is not None and hit is None:
             admitted = fairness.admit(self.redis, self.settings, tenant, job_id)
-        if hit is not None:
+        if hit is None:
+            self._answered.pop(cache_name, None)
+        else:
+            if len(self._answered) >= _ANSWERED_SIZE:
+                self._answered.clear()
+            self._answered[cache_name] = None
             source, result = hit
             now = utcnow()
             rec = JobRecord(
@@ -363,11 +394,11 @@ class Backend:
             )
             self.records.put_job(rec)
             return Submission(rec, result)
-        queue = lifecycle.queue_for(
-            self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback
-        )
-        rec = JobRecord(id=job_id, queue=queue, **common)
-        rec.source_job = rec.id
+        if rec is None:
+            queue = lifecycle.queue_for(
+                self.redis, analysis, gpu_fallback=self.settings.gpu_queue_fallback
+            )
+            rec = self._queued_record(job_id, queue, common)
         if not admitted:
             # The tenant's share of the queues is in use: the job waits its turn, and is
             # queued when one of the tenant's jobs ends (fairness.release).
@@ -386,28 +417,47 @@ class Backend:
         # The record and the queue entry in one transaction: one round trip, and never one
         # without the other.
         with self.redis.pipeline() as pipe:
-            pipe.multi()  # explicitly: RQ only adds to a transaction that has begun
-            self.records.put_job(rec, pipeline=pipe)
-            enqueue(
-                self.redis,
-                queue,
-                RUN_JOB,
-                [rec.id],
-                job_id=rec.id,
-                timeout=self.settings.job_timeout,
-                description=f"{analysis} on model {model.id}",
-                settings=self.settings,
-                pipeline=pipe,
-            )
+            self._write_queued(rec, model, pipe)
             pipe.execute()
         return Submission(rec)
 
+    @staticmethod
+    def _queued_record(job_id: str, queue: str, common: dict[str, Any]) -> JobRecord:
+        rec = JobRecord(id=job_id, queue=queue, **common)
+        rec.source_job = rec.id
+        return rec
+
+    def _write_queued(self, rec: JobRecord, model: ModelRecord, pipe: Pipeline) -> None:
+        """Add to ``pipe`` (a transaction) a new job's record and its RQ queue entry."""
+        pipe.multi()  # explicitly: RQ only adds to a transaction that has begun
+        self.records.put_job(rec, pipeline=pipe)
+        enqueue(
+            self.redis,
+            rec.queue or QueueName.CPU.value,
+            RUN_JOB,
+            [rec.id],
+            job_id=rec.id,
+            timeout=self.settings.job_timeout,
+            description=f"{rec.analysis} on model {model.id}",
+            settings=self.settings,
+            pipeline=pipe,
+        )
+
+    def _queue_commands(self, rec: JobRecord, model: ModelRecord) -> list[tuple[Any, ...]]:
+        """The commands of :meth:`_write_queued`, for the admission script to run: written
+        on a transaction that is never executed."""
+        with self.redis.pipeline() as pipe:
+            self._write_queued(rec, model, pipe)
+            return [args for args, _options in pipe.command_stack]
+
     def _cache_source(
-        self, tenant: str, key: str, job_id: str
+        self, tenant: str, key: str, cached: fairness.CacheHit
     ) -> tuple[JobRecord, dict[str, Any]] | None:
         """The succeeded job the cache names for ``key`` and its result, if that still exists
         (else the entry is dropped). The cache names jobs that computed their result."""
-        src, result = self.records.job_and_result(job_id, tenant)
+        src, result = (None, None)
+        if is_id(cached.job_id):
+            src, result = self.records.decode_job_and_result(cached.record, cached.result, tenant)
         if src is not None and src.source_job not in (None, src.id):
             result = self.records.get_result(src.source_job)
         if src is None or src.status is not JobStatus.SUCCEEDED or result is None:

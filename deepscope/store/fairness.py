@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
 
 from redis import Redis
 from redis.commands.core import Script
+from redis.typing import EncodableT
 
 from deepscope.settings import Settings
 from deepscope.store.queues import RUN_JOB, enqueue
 from deepscope.store.records import JobRecord, Records
 
 __all__ = [
+    "CacheHit",
     "QueueFullError",
     "admit",
     "admit_unless_cached",
@@ -62,16 +64,28 @@ end
 return 0
 """
 
+# Runs the commands in ARGV from ARGV[7] on, each as its length, then its words (see
+# admit_unless_cached).
+_RUN_COMMANDS = """local i = 7
+  while i <= #ARGV do
+    local n = tonumber(ARGV[i])
+    redis.call(unpack(ARGV, i + 1, i + n))
+    i = i + n + 1
+  end
+"""
+
 # The same, after a look in the result cache (KEYS[4]): a cached answer is returned as
-# {2, job id} and takes no slot; else {1}, {0} or {-1} as _ADMIT.
+# {2, job id, GET ARGV[5]..id, GET ARGV[6]..id} (the cached job's record and result) and
+# takes no slot; else {1}, {0} or {-1} as _ADMIT, and when a slot is taken the commands from
+# ARGV[7] on run before the script returns.
 _ADMIT_UNLESS_CACHED = """
 local hit = redis.call('GET', KEYS[4])
 if hit then
-  return {2, hit}
+  return {2, hit, redis.call('GET', ARGV[5] .. hit), redis.call('GET', ARGV[6] .. hit)}
 end
-""" + _ADMIT.replace("return 1", "return {1}").replace("return -1", "return {-1}").replace(
-    "return 0", "return {0}"
-)
+""" + _ADMIT.replace("return 1", _RUN_COMMANDS + "  return {1}").replace(
+    "return -1", "return {-1}"
+).replace("return 0", "return {0}")
 
 # KEYS: active, pending. ARGV: running limit[, an id to free first]. → the ids moved from
 # waiting to active.
@@ -131,20 +145,52 @@ def admit(redis: Redis, settings: Settings, tenant: str, job_id: str) -> bool:
     return outcome == 1
 
 
+class CacheHit(NamedTuple):
+    """A result-cache entry found by :func:`admit_unless_cached`: the job it names, and the
+    values stored under that job's id (its record and its result; None where missing)."""
+
+    job_id: str
+    record: bytes | None
+    result: bytes | None
+
+
 def admit_unless_cached(
-    redis: Redis, settings: Settings, tenant: str, job_id: str, cache_name: str
-) -> tuple[bool, str | None]:
+    redis: Redis,
+    settings: Settings,
+    tenant: str,
+    job_id: str,
+    cache_name: str,
+    *,
+    hit_prefixes: tuple[str, str],
+    then: Sequence[Sequence[EncodableT]] = (),
+) -> tuple[bool, CacheHit | None]:
     """:func:`admit`, unless the result-cache entry ``cache_name`` exists: one round trip.
 
-    → ``(False, the cached job's id)`` when it exists (no slot is taken), else ``(admitted,
+    ``hit_prefixes``: the prefixes of the keys that hold a job's record and its result (then
+    its id), read with a hit in the same round trip. ``then``: Redis commands (each a sequence
+    of words, as a pipeline's command stack holds them) run in the same script when the job
+    takes a slot, and only then: the admitted job's record and queue entry, written in that
+    round trip, atomically with the admission.
+
+    → ``(False, the hit)`` when the entry exists (no slot is taken), else ``(admitted,
     None)``. QueueFullError when the job would wait and the waiting list is full."""
+    args: list[EncodableT] = [
+        job_id,
+        tenant,
+        settings.tenant_running_jobs,
+        settings.tenant_queued_jobs,
+        *hit_prefixes,
+    ]
+    for command in then:
+        args.append(len(command))
+        args.extend(command)
     outcome = _script(redis, _ADMIT_UNLESS_CACHED)(
         keys=[_ACTIVE.format(tenant), _PENDING.format(tenant), _TENANTS, cache_name],
-        args=[job_id, tenant, settings.tenant_running_jobs, settings.tenant_queued_jobs],
+        args=args,
     )
     code = int(outcome[0])
     if code == 2:
-        return False, _text(outcome[1])
+        return False, CacheHit(_text(outcome[1]), outcome[2], outcome[3])
     if code < 0:
         raise QueueFullError(settings.tenant_queued_jobs, retry_after_s=10)
     return code == 1, None

@@ -37,6 +37,7 @@ __all__ = [
     "JobConflictError",
     "cancel",
     "finish",
+    "fixed_queue",
     "queue_for",
     "requeue",
     "retry_or_fail",
@@ -88,12 +89,21 @@ def _move(job: JobRecord, status: JobStatus) -> None:
     job.status = status
 
 
+def fixed_queue(analysis: str, *, gpu_fallback: bool) -> str | None:
+    """:func:`queue_for` when it does not depend on the live workers (no Redis read), else
+    None (a gpu analysis where the deployment falls back to ``cpu``)."""
+    if analysis == PREDICT_ANALYSIS or get_analysis(analysis).resource is Resource.CPU:
+        return QueueName.CPU.value
+    return None if gpu_fallback else QueueName.GPU.value
+
+
 def queue_for(redis: Redis, analysis: str, *, gpu_fallback: bool) -> str:
     """The queue of a job: its analysis's resource (the registry), falling back to ``cpu``
     when no gpu worker is alive and the deployment allows it. Predictions go to ``cpu``."""
-    if analysis == PREDICT_ANALYSIS or get_analysis(analysis).resource is Resource.CPU:
-        return QueueName.CPU.value
-    if gpu_fallback and alive_workers(redis).get(QueueName.GPU.value, 0) == 0:
+    fixed = fixed_queue(analysis, gpu_fallback=gpu_fallback)
+    if fixed is not None:
+        return fixed
+    if alive_workers(redis).get(QueueName.GPU.value, 0) == 0:
         return QueueName.CPU.value
     return QueueName.GPU.value
 

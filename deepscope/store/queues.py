@@ -7,6 +7,7 @@ params; the job functions are named by their dotted path so that the API never i
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
@@ -81,8 +82,20 @@ def connect(url: str, *, retry_for_s: float = 10.0) -> Redis:
     )
 
 
+#: Queues by connection and name: a Queue holds nothing but its name, connection and
+#: serializer, and making one (resolving its serializer) costs more than the rest of an
+#: enqueue's own Python work, on the API's hottest path.
+_QUEUES: weakref.WeakKeyDictionary[Redis, dict[str, Queue]] = weakref.WeakKeyDictionary()
+
+
 def get_queue(redis: Redis, name: str) -> Queue:
-    return Queue(name, connection=redis, serializer=JSONSerializer)
+    by_name = _QUEUES.get(redis)
+    if by_name is None:
+        by_name = _QUEUES.setdefault(redis, {})
+    queue = by_name.get(name)
+    if queue is None:
+        queue = by_name[name] = Queue(name, connection=redis, serializer=JSONSerializer)
+    return queue
 
 
 def alive_workers(redis: Redis) -> dict[str, int]:

@@ -671,13 +671,24 @@ class Records:
     def put_result(self, job_id: str, result: dict[str, Any]) -> None:
         self.redis.set(f"{_P}result:{job_id}", json.dumps(result))
 
+    #: Where a job's record and its result are: these prefixes, then its id.
+    JOB_KEY_PREFIX = f"{_P}job:"
+    RESULT_KEY_PREFIX = f"{_P}result:"
+
     def job_and_result(
         self, job_id: str, tenant: str
     ) -> tuple[JobRecord | None, dict[str, Any] | None]:
         """The tenant's job and its own stored result, in one round trip (a cache hit)."""
         if not is_id(job_id):
             return None, None
-        raw_job, raw_result = self.redis.mget([f"{_P}job:{job_id}", f"{_P}result:{job_id}"])
+        raws = self.redis.mget([self.JOB_KEY_PREFIX + job_id, self.RESULT_KEY_PREFIX + job_id])
+        return self.decode_job_and_result(raws[0], raws[1], tenant)
+
+    @staticmethod
+    def decode_job_and_result(
+        raw_job: bytes | str | None, raw_result: bytes | str | None, tenant: str
+    ) -> tuple[JobRecord | None, dict[str, Any] | None]:
+        """:meth:`job_and_result` from the stored values, read by the caller."""
         job = None if raw_job is None else JobRecord.model_validate_json(raw_job)
         if job is None or job.tenant != tenant:
             return None, None
