@@ -243,11 +243,15 @@ def job_done_channel(job_id: str) -> str:
     return f"{_P}jobdone:{job_id}"
 
 
-def _count_transition(pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
-    """Count a job entering a status; on reaching a terminal one after running, its run time.
-    A job's end is also published (:func:`job_done_channel`), in the same transaction."""
+def _on_transition(pipe: Pipeline, old: JobRecord | None, new: JobRecord) -> None:
+    """What a job entering a status writes in the same transaction as its record: the count;
+    at its end, the publication (:func:`job_done_channel`), its webhook, and, for a computed
+    success, the result-cache entry (so that a resubmission the moment the end is known is
+    answered from the cache); on reaching a terminal status after running, its run time."""
     if old is not None and old.status is new.status:
         return
+    if new.status is JobStatus.SUCCEEDED and not new.cached and new.cache_key:
+        pipe.set(Records.cache_name(new.tenant, new.cache_key), new.id)
     if new.status.terminal:
         pipe.publish(job_done_channel(new.id), new.status.value)
         if new.callback_url:
@@ -585,7 +589,7 @@ class Records:
         pipe = pipeline if pipeline is not None else self.redis.pipeline()
         pipe.set(f"{_P}job:{rec.id}", rec.model_dump_json())
         pipe.zadd(f"{_P}jobs:{rec.tenant}", {rec.id: rec.created_at.timestamp()})
-        _count_transition(pipe, None, rec)
+        _on_transition(pipe, None, rec)
         if pipeline is None:
             pipe.execute()
 
@@ -599,7 +603,7 @@ class Records:
     def update_job(
         self, job_id: str, change: Callable[[JobRecord], JobRecord | None]
     ) -> JobRecord | None:
-        return self._update(f"job:{job_id}", JobRecord, change, _count_transition)
+        return self._update(f"job:{job_id}", JobRecord, change, _on_transition)
 
     def job_stats(self) -> tuple[dict[str, int], dict[str, float]]:
         """The raw statistics hashes (see :func:`job_stats`)."""

@@ -135,8 +135,7 @@ def run_job(job_id: str) -> dict[str, Any]:
         done = runtime.succeed(backend, job, result)
         if done is None:
             return {"status": "superseded"}
-        if done.status is JobStatus.SUCCEEDED and done.cache_key:
-            backend.records.cache_set(done.tenant, done.cache_key, job_id)
+        # (Its result-cache entry was written with its status: Records, _on_transition.)
         return {"status": "succeeded" if done.status is JobStatus.SUCCEEDED else "canceled"}
     except runtime.JobCanceledError:
         return {"status": "canceled"}

@@ -140,3 +140,23 @@ def test_the_sdk_waits_by_long_polling(service: Service, model: dict[str, Any]) 
     polls = [p for p in paths if p.startswith(f"/v1/jobs/{job.id}")]
     assert 1 <= len(polls) <= 2, polls
     assert "wait=30" in polls[0], polls
+
+
+def test_the_cache_answers_the_moment_the_end_is_known(
+    alice: httpx.Client, model: dict[str, Any]
+) -> None:
+    # The result-cache entry is written in the transaction that ends the job, so a client told
+    # of the end (long polling) and resubmitting at once is answered from the cache.
+    for vectors in (47, 48, 49):
+        job_id = _submit(alice, model, vectors)
+        done = alice.get(f"/v1/jobs/{job_id}", params={"wait": 40}, timeout=60).json()
+        assert done["status"] == "succeeded", done
+        again = alice.post(
+            "/v1/jobs",
+            json={
+                "model_id": model["id"],
+                "analysis": "signal_space",
+                "params": {"vectors": vectors, "images": False},
+            },
+        ).json()
+        assert again["cached"] is True and again["status"] == "succeeded", again
