@@ -160,8 +160,9 @@ def model_label(model: ModelOut | None, model_id: str) -> str:
 #: model's page stays small.
 PROFILE_POINTS = 256
 
-#: The scripts of a report with charts, in the order they must run (report.js needs uPlot).
-CHART_SCRIPTS = ("uplot.iife.min.js", "report.js")
+#: The scripts of a report with charts, in the order they must run (report.js needs uPlot and
+#: the shared pieces of charts.js).
+CHART_SCRIPTS = ("uplot.iife.min.js", "charts.js", "report.js")
 #: What a report compared with a baseline adds (after :data:`CHART_SCRIPTS`).
 COMPARE_SCRIPTS = ("compare.js",)
 
@@ -169,6 +170,7 @@ COMPARE_SCRIPTS = ("compare.js",)
 _STATIC_MEDIA = {
     "ui.js": "text/javascript",
     "report.js": "text/javascript",
+    "charts.js": "text/javascript",
     "compare.js": "text/javascript",
     "uplot.iife.min.js": "text/javascript",
     "uplot.min.css": "text/css",

@@ -300,6 +300,7 @@ def test_report_carries_its_spectra_and_loads_the_chart_scripts(
         scripts = re.findall(r'<script src="([^"]+)"', html)
         assert scripts == [
             "/v1/ui/static/uplot.iife.min.js",
+            "/v1/ui/static/charts.js",
             "/v1/ui/static/report.js",
             "/v1/ui/static/ui.js",
         ]
@@ -351,9 +352,10 @@ def _assert_self_contained(html: str, job: JobOut) -> None:
     assert meta, "no CSP in the page"
     policy = meta.group(1).replace("&#39;", "'")
     assert "default-src 'none'" in policy and "img-src data:" in policy
-    assert policy.count("'sha256-") == 3 and "unsafe-inline" not in policy.split("script-src")[1]
+    # uPlot, charts.js, report.js and ui.js: each inlined, each allowed by its hash.
+    assert policy.count("'sha256-") == 4 and "unsafe-inline" not in policy.split("script-src")[1]
     assert "frame-ancestors" not in policy  # ignored in a <meta> (and logged as an error)
-    assert len(re.findall(r"<script>", html)) == 3
+    assert len(re.findall(r"<script>", html)) == 4
     assert len(_report_data(html)["layers"]) == len(_layers(job))
 
 

@@ -13,29 +13,8 @@
   const holder = document.getElementById("compare-data");
   if (!root || !holder) return;
 
-  const PALETTE = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-  ];
-  const HEIGHT = 340;
-  const AXIS_STROKE = "#1d2330";
-  const GRID = { stroke: "#e3e6ec", width: 1 };
-  const TICKS = { stroke: "#c3c8d2", width: 1, size: 5 };
-
-  function color(i) {
-    return i < PALETTE.length ? PALETTE[i] : `hsl(${Math.round((i * 137.508) % 360)}, 60%, 42%)`;
-  }
-
-  function fmt(v) {
-    if (v == null || !Number.isFinite(v)) return "—";
-    const a = Math.abs(v);
-    if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(3);
-    return String(Number(v.toPrecision(4)));
-  }
-
-  function pow10(k) {
-    return Number(`1e${k}`);
-  }
+  const { HEIGHT, AXIS_STROKE, GRID, TICKS, color, fmt, pow10, logSplits } =
+    window.deepscopeCharts;
 
   // Whole decades when the values span more than two; else the values with a margin, so that
   // the spectra of two versions of a model (often close) do not hug one edge.
@@ -72,25 +51,7 @@
     ticks: TICKS,
   };
 
-  // 1…9 × 10ᵏ over a few decades (labelled: 1, 2 and 5 × 10ᵏ), else every stride-th decade.
-  function logSplits(u, axisIdx, min, max) {
-    const lo = Math.ceil(Math.log10(min) - 1e-9);
-    const hi = Math.floor(Math.log10(max) + 1e-9);
-    const out = [];
-    if (hi - lo <= 3) {
-      for (let k = lo - 1; k <= hi; k++) {
-        for (let m = 1; m < 10; m++) {
-          const v = m * pow10(k);
-          if (v >= min * (1 - 1e-9) && v <= max * (1 + 1e-9)) out.push(v);
-        }
-      }
-      return out;
-    }
-    const stride = Math.ceil((hi - lo) / 8);
-    for (let k = hi; k >= lo; k -= stride) out.unshift(pow10(k));
-    return out;
-  }
-
+  // Ticks: charts.js's logSplits; labelled 1, 2 and 5 × 10ᵏ (every line on a narrow range).
   function logValues(u, splits) {
     const all = splits.length <= 9; // a narrow range: every grid line gets its number
     return splits.map((v) => {
@@ -102,7 +63,7 @@
   }
 
   function width() {
-    return Math.max(320, Math.min(root.clientWidth, 1100));
+    return window.deepscopeCharts.width(root);
   }
 
   function xy(spectrum) {

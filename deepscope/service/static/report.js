@@ -12,37 +12,12 @@
   const holder = document.getElementById("report-data");
   if (!root || !holder) return;
 
-  // matplotlib's colours first: the same layer looks the same here and in the PNG plots.
-  const PALETTE = [
-    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
-    "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf",
-  ];
+  const { HEIGHT, AXIS_STROKE, GRID, TICKS, color, fmt, pow10, logSplits } =
+    window.deepscopeCharts;
   const SUPERSCRIPT = {
     "-": "⁻", "0": "⁰", "1": "¹", "2": "²", "3": "³", "4": "⁴",
     "5": "⁵", "6": "⁶", "7": "⁷", "8": "⁸", "9": "⁹",
   };
-  const HEIGHT = 340;
-  const AXIS_STROKE = "#1d2330";
-  const GRID = { stroke: "#e3e6ec", width: 1 };
-  const TICKS = { stroke: "#c3c8d2", width: 1, size: 5 };
-
-  function color(i) {
-    // Past the palette, hues a golden angle apart stay distinguishable for many layers.
-    return i < PALETTE.length ? PALETTE[i] : `hsl(${Math.round((i * 137.508) % 360)}, 60%, 42%)`;
-  }
-
-  // Four significant digits, as the tables of the page.
-  function fmt(v) {
-    if (v == null || !Number.isFinite(v)) return "—";
-    const a = Math.abs(v);
-    if (a !== 0 && (a >= 1e5 || a < 1e-3)) return v.toExponential(3);
-    return String(Number(v.toPrecision(4)));
-  }
-
-  function pow10(k) {
-    // "1e-5" parses exactly, where 10 ** -5 is 0.000009999999999999999.
-    return Number(`1e${k}`);
-  }
 
   function pow10Label(k) {
     if (k >= -3 && k <= 3) return String(pow10(k)); // 0.001 … 1000 read better as numbers
@@ -56,26 +31,6 @@
     const hi = Math.ceil(Math.log10(max) - 1e-9);
     if (hi <= lo) lo = hi - 1;
     return [pow10(lo), pow10(hi)];
-  }
-
-  // Ticks at 1…9 × 10ᵏ over a few decades (a readable grid), else at every stride-th decade
-  // (at most ~8 labels, so they never overlap on a 340 px chart).
-  function logSplits(u, axisIdx, min, max) {
-    const lo = Math.ceil(Math.log10(min) - 1e-9);
-    const hi = Math.floor(Math.log10(max) + 1e-9);
-    const splits = [];
-    if (hi - lo <= 3) {
-      for (let k = lo - 1; k <= hi; k++) {
-        for (let m = 1; m < 10; m++) {
-          const v = m * pow10(k);
-          if (v >= min * (1 - 1e-9) && v <= max * (1 + 1e-9)) splits.push(v);
-        }
-      }
-    } else {
-      const stride = Math.ceil((hi - lo) / 8);
-      for (let k = hi; k >= lo; k -= stride) splits.unshift(pow10(k));
-    }
-    return splits;
   }
 
   function logValues(u, splits) {
@@ -103,7 +58,7 @@
   }
 
   function width() {
-    return Math.max(320, Math.min(root.clientWidth, 1100));
+    return window.deepscopeCharts.width(root);
   }
 
   function spectraChart(el, layers) {
