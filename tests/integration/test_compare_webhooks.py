@@ -18,8 +18,6 @@ import json
 import os
 import re
 import shutil
-import subprocess
-import tempfile
 import threading
 import time
 import zipfile
@@ -33,7 +31,15 @@ import numpy as np
 import pytest
 from conftest import KEY_A, launch_stack
 from PIL import Image
-from stack_helpers import fcnn_weights, manifest_for, upload_model, wait_job, wait_model
+from stack_helpers import (
+    chromium,
+    fcnn_weights,
+    manifest_for,
+    run_chromium,
+    upload_model,
+    wait_job,
+    wait_model,
+)
 
 from deepscope.contract import JobOut, compare_results
 from deepscope.contract.signing import verify_signature
@@ -413,37 +419,6 @@ def test_bundle_holds_the_result_the_artifacts_and_the_report(
 # --- the report compared with a baseline ----------------------------------------------------
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        return subprocess.run(
-            [
-                binary,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}",
-                "--virtual-time-budget=10000",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-
 def test_report_with_a_baseline(
     stack: Service, alice: httpx.Client, pair: tuple[str, str], tmp_path: Path
 ) -> None:
@@ -484,11 +459,11 @@ def test_report_with_a_baseline(
         alice.get(f"/v1/jobs/{job_id}/report", params={"baseline": "f" * 32}), 404, "not_found"
     )
 
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the page is untested")
     url = stack.url + link["url"]
-    dom = _run_chromium(binary, "--dump-dom", url)
+    dom = run_chromium(binary, "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     assert re.search(r'id="compare-charts"[^>]*data-charts-ready="2"', dom.stdout), dom.stdout[
         -3000:
@@ -497,10 +472,10 @@ def test_report_with_a_baseline(
     # The standalone file, from disk, draws the same.
     file = tmp_path / "report.html"
     file.write_text(saved)
-    dom = _run_chromium(binary, "--dump-dom", file.as_uri())
+    dom = run_chromium(binary, "--dump-dom", file.as_uri())
     assert re.search(r'id="compare-charts"[^>]*data-charts-ready="2"', dom.stdout)
     shot = tmp_path / "compare.png"
-    run = _run_chromium(binary, "--window-size=1280,4200", f"--screenshot={shot}", url)
+    run = run_chromium(binary, "--window-size=1280,4200", f"--screenshot={shot}", url)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     keep = os.environ.get("DEEPSCOPE_REPORT_SHOTS")
     if keep:

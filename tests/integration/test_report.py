@@ -15,7 +15,6 @@ import re
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from html import unescape
@@ -26,6 +25,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
+from stack_helpers import chromium, run_chromium
 
 from deepscope.client import Client, JobOut, ModelOut
 from deepscope.models.training import Recipe, train_model
@@ -137,49 +137,14 @@ def test_index_sign_in_and_its_links(service: Service, client: Client, job: JobO
         assert job.id not in bob_index.text and "tenant bob" in bob_index.text
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
-        found = shutil.which(name)
-        if found:
-            return found
-    return None
-
-
-def _run_chromium(binary: str, *args: str) -> subprocess.CompletedProcess[str]:
-    with tempfile.TemporaryDirectory(prefix="chromium-") as profile:
-        return subprocess.run(
-            [
-                binary,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                "--disable-dev-shm-usage",
-                f"--user-data-dir={profile}",
-                "--virtual-time-budget=10000",
-                # The page's console (errors, CSP violations) on stderr: see _console.
-                "--enable-logging=stderr",
-                "--v=0",
-                *args,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-
-
 def test_report_in_a_headless_browser_loads_every_picture(
     service: Service, client: Client, job: JobOut, tmp_path: Path
 ) -> None:
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the page is untested")
     url = client.report_url(job, ttl=600)
-    dom = _run_chromium(binary, "--dump-dom", url)
+    dom = run_chromium(binary, "--dump-dom", url)
     assert dom.returncode == 0, dom.stderr[-2000:]
     # ui.js marks each <img> loaded (complete with a natural width) or broken.
     marks = re.findall(r'<img [^>]*data-loaded="([01])"', dom.stdout)
@@ -188,7 +153,7 @@ def test_report_in_a_headless_browser_loads_every_picture(
     assert f'data-images-loaded="{expected}"' in dom.stdout
     shot = tmp_path / "report.png"
     # Tall enough for the pictures below the interactive charts.
-    run = _run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", url)
+    run = run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", url)
     assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
     pixels = np.asarray(Image.open(shot).convert("RGB"))
     assert pixels.shape == (3400, 1280, 3)
@@ -198,7 +163,7 @@ def test_report_in_a_headless_browser_loads_every_picture(
     assert blue.sum() > 2000, blue.sum()
     # A control: a forged link loads nothing, and the browser shows the 401.
     forged = url.replace("sig=", "sig=x")
-    control = _run_chromium(binary, "--dump-dom", forged)
+    control = run_chromium(binary, "--dump-dom", forged)
     assert "<img" not in control.stdout and "invalid link" in control.stdout
 
 
@@ -426,7 +391,7 @@ def _keep_shot(shot: Path, name: str) -> None:
 def test_charts_draw_in_a_headless_browser_live_and_from_disk(
     client: Client, job: JobOut, tmp_path: Path
 ) -> None:
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the page is untested")
     assert job.result is not None
@@ -435,7 +400,7 @@ def test_charts_draw_in_a_headless_browser_live_and_from_disk(
     saved.write_text(client.report_html(job), encoding="utf-8")
     targets = {"live": client.report_url(job, ttl=600), "standalone": saved.as_uri()}
     for kind, target in targets.items():
-        dom = _run_chromium(binary, "--dump-dom", target)
+        dom = run_chromium(binary, "--dump-dom", target)
         assert dom.returncode == 0, dom.stderr[-2000:]
         assert _console(dom.stderr) == [], (kind, _console(dom.stderr))
         page = dom.stdout
@@ -456,7 +421,7 @@ def test_charts_draw_in_a_headless_browser_live_and_from_disk(
         expected = len(_pngs(job))
         assert f'data-images-loaded="{expected}"' in page, kind
         shot = tmp_path / f"report-{kind}.png"
-        run = _run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", target)
+        run = run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", target)
         assert run.returncode == 0 and shot.is_file(), run.stderr[-2000:]
         assert _console(run.stderr) == [], (kind, _console(run.stderr))
         pixels = np.asarray(Image.open(shot).convert("RGB"))
@@ -533,7 +498,7 @@ def _bounded_layers(count: int) -> list[dict[str, Any]]:
 def test_charts_answer_the_pointer_and_draw_bounded_spectra(
     client: Client, job: JobOut, tmp_path: Path
 ) -> None:
-    binary = _chromium()
+    binary = chromium()
     if binary is None:
         pytest.skip("no Chromium on PATH (Debian: apt-get install chromium); the page is untested")
     assert job.result is not None
@@ -546,7 +511,7 @@ def test_charts_answer_the_pointer_and_draw_bounded_spectra(
     probed.write_text(
         unlocked.replace("</body>", f"<script>{_PROBE}</script></body>"), encoding="utf-8"
     )
-    dom = _run_chromium(binary, "--dump-dom", probed.as_uri())
+    dom = run_chromium(binary, "--dump-dom", probed.as_uri())
     assert _console(dom.stderr) == [], _console(dom.stderr)
     found = re.search(r'data-probe="([^"]*)"', dom.stdout)
     assert found, dom.stdout[-3000:]
@@ -578,10 +543,10 @@ def test_charts_answer_the_pointer_and_draw_bounded_spectra(
         encoding="utf-8",
     )
     shot = tmp_path / "report-bounded.png"
-    run = _run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", bounded.as_uri())
+    run = run_chromium(binary, "--window-size=1280,3400", f"--screenshot={shot}", bounded.as_uri())
     assert run.returncode == 0 and _console(run.stderr) == [], _console(run.stderr)
     _keep_shot(shot, shot.name)
-    dom = _run_chromium(binary, "--dump-dom", bounded.as_uri())
+    dom = run_chromium(binary, "--dump-dom", bounded.as_uri())
     assert _console(dom.stderr) == []
     assert 'data-charts-ready="2"' in dom.stdout
     assert dom.stdout.count('<div class="u-label">stage') == 24
