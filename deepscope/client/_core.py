@@ -262,6 +262,20 @@ def submit_request(
     return Request("POST", "/v1/jobs", json=body, headers=_idempotency(idempotency_key))
 
 
+def _list_request(
+    path: str,
+    filters: Sequence[tuple[str, str | None]],
+    labels: Mapping[str, str] | None,
+    limit: int | None,
+    cursor: str | None,
+) -> Request:
+    """``GET path`` with the filters that are set, the labels, and the page's limit and cursor."""
+    params = [(name, value) for name, value in filters if value is not None]
+    params += _label_params(labels)
+    params += [(n, str(v)) for n, v in (("limit", limit), ("cursor", cursor)) if v is not None]
+    return Request("GET", path, params=params)
+
+
 def list_jobs_request(
     *,
     status: JobStatus | str | None = None,
@@ -271,19 +285,12 @@ def list_jobs_request(
     limit: int | None = None,
     cursor: str | None = None,
 ) -> Request:
-    params: list[tuple[str, str]] = []
-    if status is not None:
-        params.append(("status", JobStatus(status).value))
-    if analysis is not None:
-        params.append(("analysis", analysis))
-    if model_id is not None:
-        params.append(("model_id", ident(model_id)))
-    params += _label_params(labels)
-    if limit is not None:
-        params.append(("limit", str(limit)))
-    if cursor is not None:
-        params.append(("cursor", cursor))
-    return Request("GET", "/v1/jobs", params=params)
+    filters = [
+        ("status", None if status is None else JobStatus(status).value),
+        ("analysis", analysis),
+        ("model_id", None if model_id is None else ident(model_id)),
+    ]
+    return _list_request("/v1/jobs", filters, labels, limit, cursor)
 
 
 def list_models_request(
@@ -293,15 +300,8 @@ def list_models_request(
     limit: int | None = None,
     cursor: str | None = None,
 ) -> Request:
-    params: list[tuple[str, str]] = []
-    if status is not None:
-        params.append(("status", ModelStatus(status).value))
-    params += _label_params(labels)
-    if limit is not None:
-        params.append(("limit", str(limit)))
-    if cursor is not None:
-        params.append(("cursor", cursor))
-    return Request("GET", "/v1/models", params=params)
+    filters = [("status", None if status is None else ModelStatus(status).value)]
+    return _list_request("/v1/models", filters, labels, limit, cursor)
 
 
 def list_datasets_request(cursor: str | None = None) -> Request:

@@ -11,13 +11,14 @@ another request is a 409 ``idempotency_conflict``; one still being processed a 4
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Annotated
+from typing import Annotated, TypeVar
 
 from fastapi import Header
 
 from deepscope.contract.errors import ProblemType
-from deepscope.service.deps import ServiceState, problem
+from deepscope.service.deps import ProblemError, ServiceState, problem
 from deepscope.store.records import IdempotencyEntry, canonical_json
 
 __all__ = [
@@ -28,7 +29,10 @@ __all__ = [
     "begin",
     "forget",
     "request_hash",
+    "run_once",
 ]
+
+_T = TypeVar("_T")
 
 #: Set on an answer that repeats the first one of its Idempotency-Key.
 REPLAYED_HEADER = "Idempotent-Replayed"
@@ -100,15 +104,53 @@ def begin(state: ServiceState, tenant: str, route: str, key: str, digest: str) -
             "this Idempotency-Key was used with another request; use a new key per request",
         )
     if entry.id is None or entry.status is None:
-        raise problem(
-            409,
-            ProblemType.IDEMPOTENCY_IN_PROGRESS,
-            "a request with this Idempotency-Key is still being processed; retry shortly",
-            headers={"Retry-After": "1"},
-        )
+        raise _in_progress()
     return Replay(entry.id, entry.status, entry)
 
 
 def forget(state: ServiceState, tenant: str, route: str, key: str, replay: Replay) -> None:
     """The replayed object is gone (deleted): the key is free for the request to run again."""
     state.backend.records.idem_release(tenant, route, key, replay.entry)
+
+
+def run_once(
+    state: ServiceState,
+    tenant: str,
+    route: str,
+    key: str,
+    digest: str,
+    *,
+    create: Callable[[], _T],
+    made: Callable[[_T], tuple[str, int]],
+    replay: Callable[[Replay], _T | None],
+) -> tuple[_T, Replay | None]:
+    """Run ``create`` once per Idempotency-Key ``key`` (request hash ``digest``).
+
+    The first request runs ``create`` and records what it ``made`` (object id, HTTP status);
+    a retry gets ``replay`` of that object instead. A replayed object deleted since (``replay``
+    returns None) frees the key and the request runs again. → (the outcome, the replay or
+    None when ``create`` ran)."""
+    for _ in range(2):
+        started = begin(state, tenant, route, key, digest)
+        if isinstance(started, Claim):
+            try:
+                out = create()
+            except BaseException:
+                started.release()
+                raise
+            started.finish(*made(out))
+            return out, None
+        found = replay(started)
+        if found is not None:
+            return found, started
+        forget(state, tenant, route, key, started)
+    raise _in_progress()  # claimed again by another request meanwhile
+
+
+def _in_progress() -> ProblemError:
+    return problem(
+        409,
+        ProblemType.IDEMPOTENCY_IN_PROGRESS,
+        "a request with this Idempotency-Key is still being processed; retry shortly",
+        headers={"Retry-After": "1"},
+    )

@@ -103,8 +103,6 @@ def error_from_rq(state: RQState) -> JobError:
 #: Seconds a ready model's record is reused by :meth:`Backend.model_for_job`, and how many.
 _READY_CACHE_S = 2.0
 _READY_CACHE_SIZE = 1024
-#: How many cache entries :meth:`Backend.submit_analysis` remembers as answered.
-_ANSWERED_SIZE = 4096
 
 
 @dataclass(frozen=True)
@@ -127,10 +125,6 @@ class Backend:
         self.storage = storage if storage is not None else Storage(settings.storage_location)
         #: (tenant, model id) → (when, record) of ready models: :meth:`model_for_job`.
         self._ready: dict[tuple[str, str], tuple[float, ModelRecord]] = {}
-        #: Result-cache entries (tenant and key) that answered lately in this process
-        #: (bounded): another submission of one is likely answered too
-        #: (:meth:`submit_analysis`).
-        self._answered: dict[str, None] = {}
         add_private_root(settings.data_dir)
         if self.storage.local:
             add_private_root(self.storage.root)
@@ -351,15 +345,11 @@ class Backend:
         # is the API's hottest): a cached answer takes no slot, and comes with the cached
         # job's record and result. When the job's queue is known without asking Redis, the
         # same script also writes the record and the queue entry if it admits the job, so a
-        # new computation costs that one round trip; unless the key was answered from the
-        # cache lately (for a hit, making those commands would be wasted work).
+        # new computation costs that one round trip.
         job_id = new_id()
         queue = lifecycle.fixed_queue(analysis, gpu_fallback=self.settings.gpu_queue_fallback)
         cache_name = self.records.cache_name(tenant, key)
-        likely_hit = cache_name in self._answered
-        rec = None
-        if queue is not None and not likely_hit:
-            rec = self._queued_record(job_id, queue, common)
+        rec = None if queue is None else self._queued_record(job_id, queue, common)
         admitted, cached = fairness.admit_unless_cached(
             self.redis,
             self.settings,
@@ -374,12 +364,7 @@ class Backend:
         hit = None if cached is None else self._cache_source(tenant, key, cached)
         if cached is not None and hit is None:
             admitted = fairness.admit(self.redis, self.settings, tenant, job_id)
-        if hit is None:
-            self._answered.pop(cache_name, None)
-        else:
-            if len(self._answered) >= _ANSWERED_SIZE:
-                self._answered.clear()
-            self._answered[cache_name] = None
+        if hit is not None:
             source, result = hit
             now = utcnow()
             rec = JobRecord(

@@ -48,44 +48,37 @@ _ACTIVE = "ds:active:{}"
 _PENDING = "ds:pending:{}"
 _TENANTS = "ds:fair-tenants"
 
-# KEYS: active, pending, tenants. ARGV: job id, tenant, running limit, queued limit.
-# → 1 a slot is taken, 0 it must wait, -1 refused (the tenant's waiting list is full).
-# Nobody waiting is jumped: a slot is taken only when the waiting list is empty.
+# KEYS: active, pending, tenants[, a result-cache entry]. ARGV: job id, tenant, running limit,
+# queued limit[, the key prefixes of a job's record and of its result, then commands].
+# With the cache entry, a cached answer comes first: {2, job id, its record, its result} (GET of
+# each prefix .. id), taking no slot. Else {1} a slot is taken (and the commands from ARGV[7]
+# on, each its length then its words, run before the script returns), {0} it must wait, {-1}
+# refused (the tenant's waiting list is full). Nobody waiting is jumped: a slot is taken only
+# when the waiting list is empty.
 _ADMIT = """
+if KEYS[4] then
+  local hit = redis.call('GET', KEYS[4])
+  if hit then
+    return {2, hit, redis.call('GET', ARGV[5] .. hit), redis.call('GET', ARGV[6] .. hit)}
+  end
+end
 redis.call('SADD', KEYS[3], ARGV[2])
 local waiting = redis.call('LLEN', KEYS[2])
 if waiting == 0 and redis.call('SCARD', KEYS[1]) < tonumber(ARGV[3]) then
   redis.call('SADD', KEYS[1], ARGV[1])
-  return 1
-end
-if waiting >= tonumber(ARGV[4]) then
-  return -1
-end
-return 0
-"""
-
-# Runs the commands in ARGV from ARGV[7] on, each as its length, then its words (see
-# admit_unless_cached).
-_RUN_COMMANDS = """local i = 7
+  local i = 7
   while i <= #ARGV do
     local n = tonumber(ARGV[i])
     redis.call(unpack(ARGV, i + 1, i + n))
     i = i + n + 1
   end
-"""
-
-# The same, after a look in the result cache (KEYS[4]): a cached answer is returned as
-# {2, job id, GET ARGV[5]..id, GET ARGV[6]..id} (the cached job's record and result) and
-# takes no slot; else {1}, {0} or {-1} as _ADMIT, and when a slot is taken the commands from
-# ARGV[7] on run before the script returns.
-_ADMIT_UNLESS_CACHED = """
-local hit = redis.call('GET', KEYS[4])
-if hit then
-  return {2, hit, redis.call('GET', ARGV[5] .. hit), redis.call('GET', ARGV[6] .. hit)}
+  return {1}
 end
-""" + _ADMIT.replace("return 1", _RUN_COMMANDS + "  return {1}").replace(
-    "return -1", "return {-1}"
-).replace("return 0", "return {0}")
+if waiting >= tonumber(ARGV[4]) then
+  return {-1}
+end
+return {0}
+"""
 
 # KEYS: active, pending. ARGV: running limit[, an id to free first]. → the ids moved from
 # waiting to active.
@@ -138,7 +131,7 @@ def admit(redis: Redis, settings: Settings, tenant: str, job_id: str) -> bool:
         _script(redis, _ADMIT)(
             keys=[_ACTIVE.format(tenant), _PENDING.format(tenant), _TENANTS],
             args=[job_id, tenant, settings.tenant_running_jobs, settings.tenant_queued_jobs],
-        )
+        )[0]
     )
     if outcome < 0:
         raise QueueFullError(settings.tenant_queued_jobs, retry_after_s=10)
@@ -184,7 +177,7 @@ def admit_unless_cached(
     for command in then:
         args.append(len(command))
         args.extend(command)
-    outcome = _script(redis, _ADMIT_UNLESS_CACHED)(
+    outcome = _script(redis, _ADMIT)(
         keys=[_ACTIVE.format(tenant), _PENDING.format(tenant), _TENANTS, cache_name],
         args=args,
     )

@@ -534,9 +534,6 @@ class Records:
             return None
         return self._owned(f"dataset:{dataset_id}", DatasetRecord, tenant)
 
-    def list_datasets(self, tenant: str, limit: int = 1000) -> list[DatasetRecord]:
-        return self._list(f"datasets:{tenant}", "dataset", DatasetRecord, limit)
-
     def page_datasets(
         self, tenant: str, limit: int, cursor: str | None = None
     ) -> tuple[list[DatasetRecord], str | None]:
@@ -711,11 +708,6 @@ class Records:
     def cache_name(tenant: str, key: str) -> str:
         """The Redis key of the result-cache entry ``key`` of ``tenant``."""
         return f"{_P}cache:{tenant}:{key}"
-
-    def cache_get(self, tenant: str, key: str) -> str | None:
-        """The succeeded job whose result answers ``key`` for ``tenant``, if any."""
-        raw = self.redis.get(self.cache_name(tenant, key))
-        return None if raw is None else _text(raw)
 
     def cache_set(self, tenant: str, key: str, job_id: str) -> None:
         self.redis.set(self.cache_name(tenant, key), job_id)

@@ -24,11 +24,10 @@ from deepscope.service.deps import (
 )
 from deepscope.service.idempotency import (
     REPLAYED_HEADER,
-    Claim,
     IdempotencyKey,
-    begin,
-    forget,
+    Replay,
     request_hash,
+    run_once,
 )
 from deepscope.service.listing import (
     Cursor,
@@ -217,27 +216,22 @@ def build_router() -> APIRouter:
 
 def _submit_once(body: JobIn, tenant: str, state: ServiceState, key: str) -> tuple[JobOut, bool]:
     """:func:`_submit` under an Idempotency-Key. → (the job, whether it is a replay)."""
-    digest = request_hash(body.model_dump(mode="json"))
-    for _ in range(2):
-        started = begin(state, tenant, "jobs", key, digest)
-        if isinstance(started, Claim):
-            try:
-                out = _submit(body, tenant, state)
-            except BaseException:
-                started.release()
-                raise
-            started.finish(out.id, 202)
-            return out, False
-        rec = state.backend.records.get_job(started.obj_id, tenant)
-        if rec is not None:
-            return _view(state, rec), True
-        forget(state, tenant, "jobs", key, started)  # its job is gone: submit it again
-    raise problem(
-        409,
-        ProblemType.IDEMPOTENCY_IN_PROGRESS,
-        "a request with this Idempotency-Key is still being processed; retry shortly",
-        headers={"Retry-After": "1"},
+
+    def replay(first: Replay) -> JobOut | None:
+        rec = state.backend.records.get_job(first.obj_id, tenant)
+        return None if rec is None else _view(state, rec)
+
+    out, replayed = run_once(
+        state,
+        tenant,
+        "jobs",
+        key,
+        request_hash(body.model_dump(mode="json")),
+        create=lambda: _submit(body, tenant, state),
+        made=lambda job: (job.id, 202),
+        replay=replay,
     )
+    return out, replayed is not None
 
 
 def _submit(body: JobIn, tenant: str, state: ServiceState) -> JobOut:

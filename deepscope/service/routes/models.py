@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+from dataclasses import dataclass
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
@@ -37,11 +38,10 @@ from deepscope.service.deps import (
 )
 from deepscope.service.idempotency import (
     REPLAYED_HEADER,
-    Claim,
     IdempotencyKey,
-    begin,
-    forget,
+    Replay,
     request_hash,
+    run_once,
 )
 from deepscope.service.limits import check_image_count, check_image_pixels, png_size
 from deepscope.service.listing import (
@@ -256,24 +256,16 @@ async def upload_model(
     return JSONResponse(model_out(rec).model_dump(mode="json"), status_code=status, headers=headers)
 
 
+@dataclass(frozen=True)
 class _Upload:
     """One model upload, parsed and checked."""
 
-    def __init__(
-        self,
-        tenant: str,
-        manifest: Manifest,
-        sink: UploadSink,
-        name: str | None,
-        labels: dict[str, str],
-        at_quota: bool,
-    ) -> None:
-        self.tenant = tenant
-        self.manifest = manifest
-        self.sink = sink
-        self.name = name
-        self.labels = labels
-        self.at_quota = at_quota
+    tenant: str
+    manifest: Manifest
+    sink: UploadSink
+    name: str | None
+    labels: dict[str, str]
+    at_quota: bool
 
 
 def _upload(
@@ -291,29 +283,27 @@ def _upload(
             "labels": upload.labels,
         }
     )
-    for _ in range(2):
-        started = begin(state, upload.tenant, "models", key, digest)
-        if isinstance(started, Claim):
-            try:
-                status, rec, headers = _create(state, upload)
-            except BaseException:
-                started.release()
-                raise
-            started.finish(rec.id, status)
-            return status, rec, headers
-        old = state.backend.records.get_model(started.obj_id, upload.tenant)
-        if old is not None:
-            headers = {REPLAYED_HEADER: "true"}
-            if started.status == 200:
-                headers[DEDUPLICATED_HEADER] = "true"
-            return started.status, state.backend.refresh_model(old), headers
-        forget(state, upload.tenant, "models", key, started)  # deleted since: upload it again
-    raise problem(
-        409,
-        ProblemType.IDEMPOTENCY_IN_PROGRESS,
-        "a request with this Idempotency-Key is still being processed; retry shortly",
-        headers={"Retry-After": "1"},
+
+    def replay(first: Replay) -> tuple[int, ModelRecord, dict[str, str]] | None:
+        old = state.backend.records.get_model(first.obj_id, upload.tenant)
+        if old is None:
+            return None
+        headers = {REPLAYED_HEADER: "true"}
+        if first.status == 200:
+            headers[DEDUPLICATED_HEADER] = "true"
+        return first.status, state.backend.refresh_model(old), headers
+
+    out, _ = run_once(
+        state,
+        upload.tenant,
+        "models",
+        key,
+        digest,
+        create=lambda: _create(state, upload),
+        made=lambda created: (created[1].id, created[0]),
+        replay=replay,
     )
+    return out
 
 
 def _create(state: ServiceState, upload: _Upload) -> tuple[int, ModelRecord, dict[str, str]]:

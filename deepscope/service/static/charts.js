@@ -52,6 +52,31 @@ window.deepscopeCharts = (function () {
     return Math.max(320, Math.min(el.clientWidth, 1100));
   }
 
+  // Redraw ``charts`` at their container's width when the window is resized (once a frame).
+  function resizeWith(el, charts, height) {
+    let pending = false;
+    window.addEventListener("resize", () => {
+      if (pending) return;
+      pending = true;
+      requestAnimationFrame(() => {
+        pending = false;
+        for (const chart of charts) chart.setSize({ width: width(el), height });
+      });
+    });
+  }
+
+  // Run ``draw`` (it returns how many charts it drew) and say the outcome on ``root``:
+  // data-charts-ready="N", or data-charts-error and a console error, so that a person or a
+  // test can tell.
+  function drawInto(root, draw, what) {
+    try {
+      root.dataset.chartsReady = String(draw());
+    } catch (err) {
+      root.dataset.chartsError = String((err && err.message) || err);
+      console.error(`deepscope report: ${what} could not be drawn:`, err);
+    }
+  }
+
   return {
     HEIGHT: 340,
     AXIS_STROKE: "#1d2330",
@@ -62,5 +87,7 @@ window.deepscopeCharts = (function () {
     pow10,
     logSplits,
     width,
+    resizeWith,
+    drawInto,
   };
 })();

@@ -225,22 +225,9 @@
     }
     tools.hidden = false;
 
-    let pending = false;
-    window.addEventListener("resize", () => {
-      if (pending) return;
-      pending = true;
-      requestAnimationFrame(() => {
-        pending = false;
-        for (const chart of charts) chart.setSize({ width: width(), height: HEIGHT });
-      });
-    });
+    window.deepscopeCharts.resizeWith(root, charts, HEIGHT);
     return charts.length;
   }
 
-  try {
-    root.dataset.chartsReady = String(draw());
-  } catch (err) {
-    root.dataset.chartsError = String((err && err.message) || err);
-    console.error("deepscope report: the charts could not be drawn:", err);
-  }
+  window.deepscopeCharts.drawInto(root, draw, "the charts");
 })();
