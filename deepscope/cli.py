@@ -602,6 +602,7 @@ def submit(
     uploaded (and validated) first; the same file again is the same model. Labels go on the
     uploaded model and on the job."""
     from deepscope.client import ModelStatus
+    from deepscope.client._core import LONG_POLL_S, PROGRESS_POLL_S
 
     parsed = _json_arg(params, "--params")
     labels = _labels(label)
@@ -631,6 +632,10 @@ def submit(
             model_id = model
         else:
             raise ValueError(f"{model!r} is neither a model file nor a model id")
+        waiting = wait or out is not None or mlflow
+        # Submit and wait in one request (the service holds it until the job ends, briefly
+        # with a progress bar to draw); then wait sends nothing for a job that ended.
+        hold = min(PROGRESS_POLL_S if not quiet else LONG_POLL_S, timeout) if waiting else 0.0
         job = client.submit(
             model_id,
             analysis,
@@ -639,8 +644,9 @@ def submit(
             labels=labels,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
+            wait=hold,
         )
-        if wait or out is not None or mlflow:
+        if waiting:
             if not as_json:
                 typer.echo(job.id)
             job = client.wait(job, progress=not quiet, timeout=timeout, raise_on_failure=False)

@@ -185,6 +185,19 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="how long a synchronous prediction may wait for a worker"
     )
     gpu_model_cache: int = Field(default=4, ge=0, description="models a GPU worker keeps loaded")
+    worker_painter: bool = Field(
+        default=True,
+        description="a CPU worker keeps a process that draws its jobs' pictures (a job's "
+        "freshly forked process would pay a page fault for every page drawing writes); off: "
+        "each job draws its own",
+    )
+    cpu_model_cache_mb: int = Field(
+        default=128,
+        ge=0,
+        description="MiB of safetensors models a CPU worker keeps loaded in its own process, "
+        "loaded before it forks a job's process (which inherits them): a job on a recently used "
+        "model does not load it again; 0: every job loads its model",
+    )
     fashion_mnist_dir: Path | None = None
     demo_tenant: str | None = Field(
         default=None, description="tenant of the demo models; None: the first configured tenant"

@@ -9,7 +9,6 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from deepscope import render
 from deepscope.analyses.context import RunContext, to_numpy
 from deepscope.analyses.params import FromImagesParams
 
@@ -70,8 +69,12 @@ def rows_by_layer(
     """A grid: the source images, then one row per layer (the analyses are layer-major)."""
     b = source.shape[0]
     panels = torch.cat([source.detach().cpu(), images.detach().cpu()])
-    grid = render.image_grid(
-        list(to_numpy(panels)),
+    ctx.draw(
+        "grid",
+        stem,
+        f"{stem}.png",
+        title,
+        panels=list(to_numpy(panels)),
         ncols=b,
         row_labels=["original", *layers],
         kind="image",
@@ -81,7 +84,6 @@ def rows_by_layer(
         data_range=(0.0, 1.0),
         title=title,
     )
-    ctx.add_grid(stem, grid, f"{stem}.png", title)
     save_images(ctx, stem, images, "layer-major: all images of the first layer first")
 
 

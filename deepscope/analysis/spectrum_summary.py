@@ -63,7 +63,9 @@ def spectrum_summary(
         "profile": {"indices": indices.tolist(), "values": sv[indices].tolist()},
         "top": sv[:k].tolist(),
         "bottom": ascending[:k].tolist(),
-        "quantiles": {f"{q:g}": float(np.quantile(sv, q)) for q in QUANTILES},
+        "quantiles": {
+            f"{q:g}": float(v) for q, v in zip(QUANTILES, np.quantile(sv, QUANTILES), strict=True)
+        },
         "histogram": {
             "log10_edges": edges.tolist(),
             "counts": counts.astype(np.int64).tolist(),

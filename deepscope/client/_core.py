@@ -249,7 +249,10 @@ def submit_request(
     labels: Mapping[str, str] | None = None,
     callback_url: str | None = None,
     idempotency_key: str | None = None,
+    wait: float = 0.0,
 ) -> Request:
+    """``POST /v1/jobs``; ``wait`` > 0 asks the service to hold the answer until the job ends
+    or that many seconds passed (``Prefer: wait=S``, RFC 7240)."""
     body: dict[str, Any] = {"model_id": ident(model), "analysis": analysis}
     if params:
         body["params"] = params
@@ -259,7 +262,10 @@ def submit_request(
         body["labels"] = dict(labels)
     if callback_url is not None:
         body["callback_url"] = callback_url
-    return Request("POST", "/v1/jobs", json=body, headers=_idempotency(idempotency_key))
+    headers = _idempotency(idempotency_key)
+    if wait > 0:
+        headers["Prefer"] = f"wait={wait:g}"
+    return Request("POST", "/v1/jobs", json=body, headers=headers)
 
 
 def _list_request(
@@ -587,6 +593,12 @@ LONG_POLL_S = 30.0
 PROGRESS_POLL_S = 2.0
 
 
+def held(wait: float, http_timeout: float | None) -> float:
+    """How long a request may ask the service to hold it: ``wait``, less than the client's
+    read timeout by a margin (or the transport gives up first)."""
+    return wait if http_timeout is None else max(0.0, min(wait, http_timeout - 5.0))
+
+
 class JobWait(_Poll):
     """``wait``: long-poll a job until it finished.
 
@@ -607,10 +619,7 @@ class JobWait(_Poll):
     ) -> None:
         super().__init__(timeout, poll, unreachable_s)
         self.job_id = ident(job)
-        self.asked = PROGRESS_POLL_S if progress else LONG_POLL_S
-        if http_timeout is not None:
-            # The request must outlive the hold by a margin, or the transport gives up first.
-            self.asked = max(0.0, min(self.asked, http_timeout - 5.0))
+        self.asked = held(PROGRESS_POLL_S if progress else LONG_POLL_S, http_timeout)
         # A finished job as submit() returned it (a cache hit) needs no request; a listed one
         # lacks its result.
         self.known: JobOut | None = None

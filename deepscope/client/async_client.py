@@ -313,6 +313,7 @@ class AsyncClient:
         labels: Mapping[str, str] | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
+        wait: float = 0.0,
     ) -> JobOut:
         request = _core.submit_request(
             model,
@@ -322,6 +323,7 @@ class AsyncClient:
             labels=labels,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
+            wait=_core.held(wait, self._http.timeout.read),
         )
         return JobOut.model_validate((await self._send(request)).json())
 

@@ -359,6 +359,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         callback_url: str | None = None,
         idempotency_key: str | None = None,
+        wait: float = 0.0,
     ) -> JobOut:
         """Queue an analysis (a result computed before for the same inputs comes back at once,
         ``cached`` and ``succeeded``).
@@ -367,6 +368,9 @@ class Client:
         when it ends (its host must be allowed by the deployment). The request carries an
         Idempotency-Key (``idempotency_key``, else a fresh one per call): a retry after a lost
         answer, or a rerun of a pipeline step with the same key, returns the same job.
+        ``wait`` (seconds, ≤ 50): the service answers when the job ends, or after that long,
+        whichever is first (``Prefer: wait``): submit and wait in one request, then
+        :meth:`wait` (which sends nothing for a job that ended) if it is still running.
         """
         request = _core.submit_request(
             model,
@@ -376,6 +380,7 @@ class Client:
             labels=labels,
             callback_url=callback_url,
             idempotency_key=idempotency_key,
+            wait=_core.held(wait, self._http.timeout.read),
         )
         return JobOut.model_validate(self._send(request).json())
 

@@ -1,13 +1,18 @@
 """PNG artifacts, torch-free: grids and the spectra figure (numpy + Pillow), curves (matplotlib).
 
+:func:`draw` names each kind of picture, so that a drawing can be described as data and made
+by another process (a worker's painter) with the same result.
+
 Grids colour each panel (or each row of comparable panels) by its own range, clip the few
 values far outside the bulk and mark them, and store their layout in the PNG, so that no
 panel is flattened by another's scale and a test can check it. Nothing here writes files
 except :meth:`Grid.save`, :func:`spectra_figure` and :func:`curves_plot`.
 """
 
+import os
 import tempfile
 from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
 
@@ -26,9 +31,11 @@ from deepscope.render.plots import AXES_KEY, SpectrumLine, curves_plot, spectra_
 
 __all__ = [
     "AXES_KEY",
+    "DRAWINGS",
     "MARKER_CLIPPED",
     "MARKER_NONFINITE",
     "PANELS_KEY",
+    "Drawing",
     "Grid",
     "Kind",
     "PanelBox",
@@ -36,12 +43,33 @@ __all__ = [
     "SpectrumLine",
     "colormap_lut",
     "curves_plot",
+    "draw",
     "image_grid",
     "panel_span",
     "read_panels",
     "spectra_figure",
     "warm_up",
 ]
+
+
+Drawing = Literal["grid", "spectra", "curves"]
+#: The kinds of picture :func:`draw` makes.
+DRAWINGS: tuple[Drawing, ...] = ("grid", "spectra", "curves")
+
+
+def draw(drawing: str, path: str | os.PathLike[str], /, **kwargs: Any) -> Path:
+    """Draw one picture to the PNG ``path``; → ``path``.
+
+    ``drawing``: "grid" (:func:`image_grid` with ``kwargs``, saved), "spectra"
+    (:func:`spectra_figure`) or "curves" (:func:`curves_plot`).
+    """
+    if drawing == "grid":
+        return image_grid(**kwargs).save(path)
+    if drawing == "spectra":
+        return spectra_figure(path=path, **kwargs)
+    if drawing == "curves":
+        return curves_plot(path=path, **kwargs)
+    raise ValueError(f"unknown drawing {drawing!r}; valid: {', '.join(DRAWINGS)}")
 
 
 def warm_up() -> None:

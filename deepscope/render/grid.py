@@ -635,23 +635,23 @@ def image_grid(
         if names[k]:
             shown = txt.fit(title_font, names[k], col_w[box.col])
             y = row_y[box.row]
-            draw.text((centre, y), shown, font=title_font, fill=_TEXT, anchor="ma")
+            txt.paste_text(image, (centre, y), shown, title_font, _TEXT, "ma")
         y = box.y1 + 2
         for line, colour in notes[k]:
-            draw.text((centre, y), line, font=small, fill=colour, anchor="ma")
+            txt.paste_text(image, (centre, y), line, small, colour, "ma")
             y += lh_small
     for r in range(rows):
         mid = row_y[r] + top_h[r] + 1 + body_h[r] / 2
         if labels[r]:
             shown = txt.fit(label_font, labels[r], _LABEL_MAX)
-            draw.text((_MARGIN + label_w - 8, mid), shown, font=label_font, fill=_TEXT, anchor="rm")
+            txt.paste_text(image, (_MARGIN + label_w - 8, mid), shown, label_font, _TEXT, "rm")
         if r in row_text:  # one column right of the grid, so the ranges line up
             x = col_x[-1] + col_w[-1] + 6
-            draw.text((x, mid), row_text[r], font=small, fill=_SMALL_TEXT, anchor="lm")
+            txt.paste_text(image, (x, mid), row_text[r], small, _SMALL_TEXT, "lm")
 
     y = _MARGIN
     for line, face, colour in header:
-        draw.text((_MARGIN, y), line, font=face, fill=colour, anchor="la")
+        txt.paste_text(image, (_MARGIN, y), line, face, colour, "la")
         y += txt.line_height(face) + 1
     _draw_key(image, (_MARGIN, y + 2), key_cmap, signed, key, counts)
     return Grid(image=image, panels=boxes)
@@ -767,7 +767,7 @@ def _draw_key(
         x += _BAR[1] + 3
         words.append((x, label))
         x += txt.text_width(small, label) + 12
-    if draw is not None:
+    if image is not None:
         for wx, word in words:
-            draw.text((wx, mid), word, font=small, fill=_SMALL_TEXT, anchor="lm")
+            txt.paste_text(image, (wx, mid), word, small, _SMALL_TEXT, "lm")
     return x - 12

@@ -1,4 +1,6 @@
-"""Long polling: ``GET /v1/jobs/{id}?wait=S`` answers as soon as the job ends (or after ``S``).
+"""Long polling: ``GET /v1/jobs/{id}?wait=S`` answers as soon as the job ends (or after ``S``),
+and so does ``POST /v1/jobs`` sent with ``Prefer: wait=S`` (RFC 7240): submit and wait in one
+request.
 
 A client that polls finds out late (half its interval on average) and loads the API with every
 poll; one that waits is told within a Redis round trip of the end, as RQ's own blocking result
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 import time
 from collections.abc import Awaitable, Callable
 
@@ -25,7 +28,7 @@ from redis.exceptions import RedisError
 from deepscope.contract import JobOut
 from deepscope.store.records import job_done_channel
 
-__all__ = ["MAX_WAITERS", "MAX_WAIT_S", "RECHECK_S", "JobWaiter"]
+__all__ = ["MAX_WAITERS", "MAX_WAIT_S", "RECHECK_S", "JobWaiter", "preferred_wait"]
 
 #: The longest wait one request may ask for (seconds); proxies often cut idle requests at 60 s.
 MAX_WAIT_S = 50.0
@@ -33,6 +36,24 @@ MAX_WAIT_S = 50.0
 MAX_WAITERS = 512
 #: How often a wait reads the job again whatever it heard.
 RECHECK_S = 1.0
+
+
+def preferred_wait(prefer: str | None) -> float:
+    """The seconds a ``Prefer`` header (RFC 7240) asks the answer to wait for: its ``wait``
+    preference, capped at :data:`MAX_WAIT_S`; 0 without one (or with a malformed one, which
+    the RFC says to ignore). ``"respond-async, wait=30"`` → 30.0."""
+    if not prefer:
+        return 0.0
+    for preference in prefer.split(","):
+        name, _, value = preference.split(";", 1)[0].partition("=")
+        if name.strip().lower() != "wait":
+            continue
+        try:
+            seconds = float(value.strip().strip('"'))
+        except ValueError:
+            return 0.0
+        return min(seconds, MAX_WAIT_S) if math.isfinite(seconds) and seconds > 0 else 0.0
+    return 0.0
 
 
 class JobWaiter:
@@ -55,13 +76,19 @@ class JobWaiter:
             self._redis = None
 
     async def wait(
-        self, job_id: str, seconds: float, read: Callable[[], Awaitable[JobOut]]
+        self,
+        job_id: str,
+        seconds: float,
+        read: Callable[[], Awaitable[JobOut]],
+        job: JobOut | None = None,
     ) -> JobOut:
         """``read()`` once the job is terminal, or when ``seconds`` have passed.
 
         ``read`` returns the job's current view (it raises for a job that isn't the tenant's,
-        which ends the wait with that error)."""
-        job = await read()
+        which ends the wait with that error); ``job``: its view just read, if the caller has
+        one (a submission's)."""
+        if job is None:
+            job = await read()
         if job.status.terminal or seconds <= 0 or self._slots.locked():
             return job
         deadline = time.monotonic() + min(seconds, MAX_WAIT_S)

@@ -30,6 +30,7 @@ from deepscope.store.backend import Backend
 from deepscope.store.records import JobRecord, ModelRecord
 from deepscope.store.storage import Storage, safe_relpath
 from deepscope.workers import model_cache, runtime
+from deepscope.workers.painter import RemotePainter
 from deepscope.workers.predict import predictions
 
 __all__ = ["run_job"]
@@ -117,6 +118,8 @@ def run_job(job_id: str) -> dict[str, Any]:
                 raise ValueError(f"model {job.model_id} was deleted")
             device = runtime.device()
             progress = runtime.ProgressReporter(backend, job_id, said=_LOADING)
+            conn = runtime.config().painter
+            painter = None if conn is None else RemotePainter(conn, runtime.config().painter_pid)
             loaded = model_cache.load(backend, model, device)
             dataset = _dataset(backend, job, stack)
             params = parse_params(job.analysis, job.params, max_steps=backend.settings.max_steps)
@@ -129,6 +132,7 @@ def run_job(job_id: str) -> dict[str, Any]:
                 dataset=dataset,
                 device=device,
                 progress=progress,
+                painter=painter,
             )
             result = _predict_generated(loaded, model, out_dir, result, device)
             result = output.publish(result)

@@ -1,20 +1,30 @@
-"""Uploaded models loaded for jobs, from storage, and kept per device in long-lived workers."""
+"""Uploaded models loaded for jobs, from storage, and kept per device in long-lived workers.
+
+A GPU worker runs its jobs in its own process and keeps the models they load. A CPU worker
+forks a process per job; it loads a job's model itself just before (:func:`prefetch`), so the
+job's process inherits it loaded, and keeps it for the next job on that model. Only validated
+safetensors models are loaded there: parsing one runs no code, and its tensors take what the
+file takes (a budget in file bytes bounds the worker's memory)."""
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections import OrderedDict
 
 from deepscope.analysis.layers import weight_layers
 from deepscope.catalog import BUILTIN_DATASETS
 from deepscope.contract.errors import user_message
+from deepscope.contract.status import ModelStatus
 from deepscope.manifest import Manifest, ModelFormat
 from deepscope.models.loading import LoadedModel, load_model
 from deepscope.store.backend import Backend
 from deepscope.store.records import ModelRecord
 from deepscope.workers.runtime import config, local_blob
 
-__all__ = ["clear", "load"]
+__all__ = ["clear", "load", "prefetch"]
+
+log = logging.getLogger("deepscope.worker")
 
 _FILE_NAMES = {
     ModelFormat.SAFETENSORS: "model.safetensors",
@@ -22,12 +32,33 @@ _FILE_NAMES = {
     ModelFormat.PT2: "model.pt2",
     ModelFormat.TORCHSCRIPT: "model.pt",
 }
-#: (sha256, manifest sha256, device) → model; only in long-lived (non-forking) workers.
-_MODELS: OrderedDict[tuple[str, str, str], LoadedModel] = OrderedDict()
+#: (sha256, manifest sha256, device) → (model, its file's bytes), least recently used first.
+_MODELS: OrderedDict[tuple[str, str, str], tuple[LoadedModel, int]] = OrderedDict()
 
 
 def clear() -> None:
     _MODELS.clear()
+
+
+def prefetch(backend: Backend, model: ModelRecord | None) -> bool:
+    """(A forking worker, before it forks a job's process) load ``model`` into this process's
+    cache when it is a validated safetensors model within the cache's budget. → whether it is
+    loaded now. Any failure leaves it to the job, which loads it and reports the error."""
+    budget = config().model_cache_bytes
+    if (
+        model is None
+        or config().model_cache <= 0
+        or model.status is not ModelStatus.READY
+        or model.format is not ModelFormat.SAFETENSORS
+        or (budget is not None and model.size_bytes > budget)
+    ):
+        return False
+    try:
+        load(backend, model, "cpu")
+    except Exception as exc:  # the job's own process meets it again and says what it is
+        log.info("model %s not loaded ahead of its job: %s", model.id, user_message(exc))
+        return False
+    return True
 
 
 def _sanitized(manifest: Manifest) -> Manifest:
@@ -44,7 +75,7 @@ def load(backend: Backend, rec: ModelRecord, device: str) -> LoadedModel:
     key = (rec.sha256, rec.manifest_sha256, device)
     if key in _MODELS:
         _MODELS.move_to_end(key)
-        return _MODELS[key]
+        return _MODELS[key][0]
     # Formats are told apart by content (loading.detect_format), and the stored file is
     # read in place on local storage.
     with local_blob(backend.storage, rec.sha256, _FILE_NAMES[rec.format], any_name=True) as path:
@@ -67,8 +98,11 @@ def load(backend: Backend, rec: ModelRecord, device: str) -> LoadedModel:
         # CPU weights, so they are taken again from the moved module.
         loaded.module.to(device)
         loaded = dataclasses.replace(loaded, layers=weight_layers(loaded.module))
-    if config().model_cache > 0:
-        _MODELS[key] = loaded
-        while len(_MODELS) > config().model_cache:
+    keep, budget = config().model_cache, config().model_cache_bytes
+    if keep > 0 and (budget is None or rec.size_bytes <= budget):
+        _MODELS[key] = (loaded, rec.size_bytes)
+        while len(_MODELS) > keep or (
+            budget is not None and sum(size for _, size in _MODELS.values()) > budget
+        ):
             _MODELS.popitem(last=False)
     return loaded

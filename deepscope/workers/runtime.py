@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import re
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -13,6 +14,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from redis import Redis
 from rq import get_current_job
 
 from deepscope.analyses.run import resolve_device
@@ -51,7 +53,13 @@ class JobCanceledError(Exception):
 @dataclasses.dataclass
 class Config:
     device: str = "cpu"
+    #: Loaded models kept in this process (count), and the bytes of their files at most.
     model_cache: int = 0
+    model_cache_bytes: int | None = None
+    #: The running job's connection to the worker's painter (set by the worker before it
+    #: forks the job's process), and the painter's pid; None: the job draws its pictures.
+    painter: socket.socket | None = None
+    painter_pid: int | None = None
 
 
 _CONFIG = Config()
@@ -61,13 +69,17 @@ def config() -> Config:
     return _CONFIG
 
 
-def configure(*, device: str = "cpu", model_cache: int = 0) -> None:
+def configure(
+    *, device: str = "cpu", model_cache: int = 0, model_cache_bytes: int | None = None
+) -> None:
     """Set by the worker process: where jobs compute (``cpu``, ``cuda``, ``auto`` — resolved at
-    job time) and how many loaded models to keep (only useful without forking)."""
+    job time) and how many loaded models to keep (``model_cache``; their files ``model_cache_bytes``
+    at most), in the worker's own process (a forking worker loads them before it forks)."""
     from deepscope.workers import model_cache as cache
 
     _CONFIG.device = device
     _CONFIG.model_cache = model_cache
+    _CONFIG.model_cache_bytes = model_cache_bytes
     cache.clear()
 
 
@@ -76,11 +88,13 @@ def settings() -> Settings:
     return Settings()
 
 
-def backend() -> Backend:
-    """The backend of the running job's Redis (or the settings' Redis outside a job)."""
+def backend(redis: Redis | None = None) -> Backend:
+    """The backend of ``redis``, else of the running job's Redis (or the settings' Redis
+    outside a job)."""
     current = settings()
-    job = get_current_job()
-    redis = job.connection if job is not None else connect(current.resolved_redis_url())
+    if redis is None:
+        job = get_current_job()
+        redis = job.connection if job is not None else connect(current.resolved_redis_url())
     return Backend(current, redis=redis, storage=storage(current.storage_location))
 
 

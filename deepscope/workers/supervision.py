@@ -33,6 +33,7 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
@@ -46,7 +47,7 @@ from rq.worker import SimpleWorker
 from deepscope.manifest import ModelFormat
 from deepscope.settings import Settings
 from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, connect
-from deepscope.store.records import Records
+from deepscope.store.records import ModelRecord, Records
 from deepscope.store.recovery import (
     Death,
     beat,
@@ -55,6 +56,8 @@ from deepscope.store.recovery import (
     recover_rq_job,
     requeue_interrupted,
 )
+from deepscope.workers import model_cache, runtime
+from deepscope.workers.painter import PainterProcess
 
 __all__ = [
     "CODE_FORMATS",
@@ -62,6 +65,7 @@ __all__ = [
     "InProcessWorker",
     "Supervisor",
     "die_with_parent",
+    "job_model",
     "limit_memory",
 ]
 
@@ -114,6 +118,20 @@ def die_with_parent(parent_pid: int) -> None:
         os._exit(1)
 
 
+def job_model(records: Records, job: Job) -> ModelRecord | None:
+    """The model an analysis, prediction or validation job works on; None for other jobs, or
+    when its record or model is gone."""
+    args = list(job.args or [])
+    if not args or not isinstance(args[0], str):
+        return None
+    if job.func_name in (RUN_JOB, PREDICT):
+        rec = records.get_job(args[0])
+        return records.get_model(rec.model_id) if rec is not None else None
+    if job.func_name == VALIDATE_MODEL:
+        return records.get_model(args[0])
+    return None
+
+
 def _signal_name(number: int) -> str:
     try:
         return signal.Signals(number).name
@@ -124,11 +142,18 @@ def _signal_name(number: int) -> str:
 class ForkingWorker(Worker):
     """RQ's forking worker with per-job limits and settlement of jobs whose process died."""
 
-    def __init__(self, *args: Any, settings: Settings | None = None, **kwargs: Any) -> None:
+    def __init__(
+        self,
+        *args: Any,
+        settings: Settings | None = None,
+        painter: PainterProcess | None = None,
+        **kwargs: Any,
+    ) -> None:
         kwargs.setdefault("job_monitoring_interval", _MONITOR_INTERVAL_S)
         kwargs.setdefault("maintenance_interval", _MAINTENANCE_INTERVAL_S)
         super().__init__(*args, **kwargs)
         self.deepscope_settings = settings if settings is not None else Settings()
+        self.painter = painter
         self._parent_pid = os.getpid()
         self._horse_death: tuple[int | None, Any] | None = None
         self._timed_out: set[str] = set()
@@ -151,9 +176,46 @@ class ForkingWorker(Worker):
         self._horse_death = None
         self._current = job
         try:
-            super().execute_job(job, queue)
+            with self._helped(job):
+                super().execute_job(job, queue)
         finally:
             self._current = None
+
+    @contextlib.contextmanager
+    def _helped(self, job: Job) -> Iterator[None]:
+        """What this long-lived process does for the job's freshly forked one, which would pay
+        for every page it writes: an analysis's or prediction's model loaded here (and kept:
+        a job on a model used lately loads nothing), which it inherits; and for an analysis on
+        a model without code, a connection to the worker's painter, which draws its pictures."""
+        if job.func_name not in (RUN_JOB, PREDICT):
+            yield
+            return
+        config = runtime.config()
+        model = None
+        try:
+            backend = runtime.backend(self.connection)
+            model = job_model(backend.records, job)
+            if config.model_cache > 0:
+                model_cache.prefetch(backend, model)
+        except (RedisError, ValueError) as exc:
+            self.log.info("Worker %s: job %s: model not loaded ahead: %s", self.name, job.id, exc)
+        painter = self.painter
+        conn = None
+        if (
+            painter is not None
+            and job.func_name == RUN_JOB
+            and model is not None
+            and model.format not in CODE_FORMATS
+        ):
+            conn = painter.connect()
+        config.painter = conn
+        config.painter_pid = painter.pid if conn is not None and painter is not None else None
+        try:
+            yield
+        finally:
+            config.painter, config.painter_pid = None, None
+            if conn is not None:
+                conn.close()
 
     # --- stopping: warm (finish the job within the grace period, else queue it again), cold
 
@@ -303,17 +365,7 @@ class InProcessWorker(ForkingWorker):
 
     def _isolate(self, job: Job) -> bool:
         try:
-            records = Records(self.connection)
-            args = list(job.args or [])
-            if not args or not isinstance(args[0], str):
-                return False
-            if job.func_name in (RUN_JOB, PREDICT):
-                rec = records.get_job(args[0])
-                model = records.get_model(rec.model_id) if rec is not None else None
-            elif job.func_name == VALIDATE_MODEL:
-                model = records.get_model(args[0])
-            else:
-                return False
+            model = job_model(Records(self.connection), job)
         except (RedisError, ValueError):
             return True  # when in doubt, the safe way
         return model is not None and model.format in CODE_FORMATS

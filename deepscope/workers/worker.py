@@ -3,7 +3,10 @@
 * CPU workers fork a work horse per job (RQ's ``Worker``), so a hostile or broken model can
   only take down that job. Torch, the analyses and the registry are imported *before* the
   first fork, so each horse starts warm; the parent warms up single-threaded only, because
-  GNU OpenMP does not survive a fork after it ran a parallel region (the child hangs).
+  GNU OpenMP does not survive a fork after it ran a parallel region (the child hangs). A fresh
+  horse still pays a page fault for every page it writes, so the worker does two things for it
+  ahead: it loads the job's model itself, kept for later jobs (``model_cache.prefetch``), and
+  it keeps a painter process that draws the jobs' pictures (:mod:`deepscope.workers.painter`).
 * GPU workers (any worker listening on ``gpu``) run jobs in-process (like RQ's
   ``SimpleWorker``): one long-lived process owns the device and keeps recently used models on
   it (LRU by sha256). The parent never touches CUDA before that; the device is chosen at job
@@ -33,6 +36,7 @@ from deepscope.store.queues import WORKER_TTL, QueueName, connect
 from deepscope.store.records import Records
 from deepscope.store.recovery import forget
 from deepscope.store.storage import Storage
+from deepscope.workers.painter import PainterProcess
 from deepscope.workers.supervision import ForkingWorker, InProcessWorker, Supervisor
 
 __all__ = ["WorkerKind", "parse_queues", "preload", "run_worker"]
@@ -44,6 +48,10 @@ class WorkerKind(StrEnum):
     AUTO = "auto"
     FORK = "fork"
     SIMPLE = "simple"
+
+
+#: Models a CPU worker keeps loaded at most (within DEEPSCOPE_CPU_MODEL_CACHE_MB).
+_CPU_MODELS = 8
 
 
 def parse_queues(text: str) -> list[str]:
@@ -119,11 +127,15 @@ def run_worker(
     # (reading the environment into Settings costs each forked job several milliseconds).
     runtime.settings()
     runtime.storage(settings.storage_location)
+    painter: PainterProcess | None = None
     if kind is WorkerKind.SIMPLE:
         runtime.configure(device="auto", model_cache=settings.gpu_model_cache)
         worker_class: type[ForkingWorker] = InProcessWorker
     else:
-        runtime.configure(device="cpu", model_cache=0)
+        budget = settings.cpu_model_cache_mb * 1024 * 1024
+        runtime.configure(
+            device="cpu", model_cache=_CPU_MODELS if budget else 0, model_cache_bytes=budget
+        )
         worker_class = ForkingWorker
         # Everything imported and warmed so far is shared with every forked work horse, page by
         # page, until one writes to it. The garbage collector's passes write to every object
@@ -131,6 +143,10 @@ def run_worker(
         # included); frozen objects are never visited.
         gc.collect()
         gc.freeze()
+        if settings.worker_painter:
+            # Forked now, warm and before any thread starts (see workers/painter.py).
+            painter = PainterProcess(settings.job_memory_bytes())
+            painter.start()
     worked = False
     supervisor: Supervisor | None = None
     base_name = name
@@ -143,6 +159,7 @@ def run_worker(
                 worker_ttl=WORKER_TTL,
                 name=name,
                 settings=settings,
+                painter=painter,
             )
             if supervisor is None:
                 supervisor = Supervisor(settings, worker.name)
@@ -176,4 +193,6 @@ def run_worker(
     finally:
         if supervisor is not None:
             supervisor.stop()
+        if painter is not None:
+            painter.stop()
     return worked

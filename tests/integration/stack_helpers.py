@@ -24,6 +24,7 @@ __all__ = [
     "alive",
     "children",
     "fcnn_weights",
+    "job_processes",
     "manifest_for",
     "peak_rss_mib",
     "stack_roles",
@@ -98,6 +99,19 @@ def torchscript_bytes(module: torch.nn.Module) -> bytes:
         warnings.simplefilter("ignore", FutureWarning)  # deprecated, and still what users upload
         torch.jit.save(torch.jit.script(module), buf)
     return buf.getvalue()
+
+
+def job_processes(worker: int) -> list[int]:
+    """A worker's job processes: its children but its painter."""
+    from deepscope.workers.painter import PROCESS_NAME
+
+    def name(pid: int) -> str:
+        try:
+            return Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            return ""
+
+    return [pid for pid in children(worker) if name(pid) != PROCESS_NAME]
 
 
 def children(pid: int) -> list[int]:

@@ -39,8 +39,8 @@ from conftest import launch_stack
 from redis import Redis
 from stack_helpers import (
     FINAL,
-    children,
     fcnn_weights,
+    job_processes,
     manifest_for,
     upload_model,
     wait_job,
@@ -483,7 +483,7 @@ def test_a_jobs_memory_limit_is_its_workers_share_of_the_machine(
             deadline = time.monotonic() + 60
             while True:
                 running = bob.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
-                horses = children(worker) if running else []
+                horses = job_processes(worker) if running else []
                 if horses:
                     break
                 assert time.monotonic() < deadline, "the job's process never showed"

@@ -59,8 +59,8 @@ from rq.serializers import JSONSerializer
 from stack_helpers import (
     FINAL,
     alive,
-    children,
     fcnn_weights,
+    job_processes,
     manifest_for,
     stack_roles,
     start_up,
@@ -156,7 +156,7 @@ def test_killed_workers_lose_no_job(stack_launcher: Any, tmp_path: Path, weights
         _wait_status(client, job["id"], lambda j: j["status"] == "running", 60)
         time.sleep(1.0)
         worker = _worker_of(svc, job["id"])
-        horses = children(worker.pid)
+        horses = job_processes(worker.pid)
         assert len(horses) == 1, horses
         os.kill(horses[0], signal.SIGKILL)
         retried, waited = _wait_status(client, job["id"], lambda j: j["attempts"] == 1, 30)
@@ -173,7 +173,7 @@ def test_killed_workers_lose_no_job(stack_launcher: Any, tmp_path: Path, weights
         _wait_status(client, job["id"], lambda j: j["status"] == "running", 60)
         time.sleep(1.0)
         first = _worker_of(svc, job["id"])
-        horse = children(first.pid)[0]
+        horse = job_processes(first.pid)[0]
         first.kill()
         first.wait()
         deadline = time.monotonic() + 5
@@ -756,7 +756,7 @@ def test_up_every_worker_killed_mid_job(tmp_path: Path, weights: Path) -> None:
             time.sleep(1.0)
             workers = stack_roles(proc.pid)["worker"]
             assert len(workers) == 2, workers
-            horses = [h for w in workers for h in children(w)]
+            horses = [h for w in workers for h in job_processes(w)]
             assert len(horses) == 2, horses
             for pid in workers:
                 os.kill(pid, signal.SIGKILL)
@@ -881,7 +881,7 @@ def test_sigterm_busy_worker_finishes_or_requeues_its_job(
         assert requeued["status"] == "queued" and requeued["attempts"] == 0, requeued
         assert "queued again" in (requeued["message"] or ""), requeued
         assert grace - 1 < took < grace + 10
-        assert not children(second.pid)
+        assert not job_processes(second.pid)
 
         # 3. A second signal (RQ's cold shutdown): stopped and queued again at once.
         svc.workers.remove(second)

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image
-from stack_helpers import children
+from stack_helpers import children, job_processes
 
 from deepscope.analyses import parse_params
 from deepscope.analyses.run import run_analysis
@@ -670,3 +670,46 @@ def test_readyz_and_metrics(alice: httpx.Client) -> None:
     text = alice.get("/metrics").text
     assert "deepscope_http_requests_total" in text
     assert 'deepscope_workers{queue="cpu"} 2.0' in text
+
+
+def test_the_forking_workers_painter_draws_its_jobs_pictures(
+    service: Service, alice: httpx.Client, model: dict[str, Any]
+) -> None:
+    from rq.job import Job
+    from rq.serializers import JSONSerializer
+
+    fork = service.workers[0]
+    painters = [p for p in children(fork.pid) if p not in job_processes(fork.pid)]
+    assert len(painters) == 1, children(fork.pid)
+    painter = painters[0]
+
+    def written() -> int:
+        io = Path(f"/proc/{painter}/io").read_text()
+        return int(next(line for line in io.splitlines() if line.startswith("wchar:")).split()[1])
+
+    def on_the_forking_worker(params: dict[str, Any]) -> tuple[dict[str, Any], int]:
+        """(A job run by the forking worker, what its painter wrote meanwhile.) The two
+        workers take turns: a few tries find it."""
+        for n in range(8):
+            before = written()
+            body = {"model_id": model["id"], "analysis": "signal_space", "params": params}
+            body["params"] = params | {"vectors": params["vectors"] + n}
+            resp = alice.post("/v1/jobs", json=body)
+            assert resp.status_code == 202, resp.text
+            done = wait_job(alice, resp.json()["id"])
+            assert done["status"] == "succeeded", done
+            rq_job = Job.fetch(done["id"], connection=service.redis, serializer=JSONSerializer)
+            if rq_job.worker_name == "test-fork":
+                return done, written() - before
+        raise AssertionError("no job ran on the forking worker")
+
+    _done, drew = on_the_forking_worker({"vectors": 120, "images": False})
+    assert drew == 0  # no pictures, nothing drawn
+    done, drew = on_the_forking_worker({"vectors": 140})
+    sizes = [
+        len(alice.get(a["url"]).content)
+        for a in done["result"]["artifacts"]
+        if a["url"].endswith(".png")
+    ]
+    assert len(sizes) == 3, done["result"]["artifacts"]  # spectra, σᵢ·vᵢ, weights
+    assert drew >= sum(sizes)  # the painter wrote them (and its answers to the job)

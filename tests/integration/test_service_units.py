@@ -165,3 +165,15 @@ def test_npz_inspection_describes_a_good_dataset(tmp_path: Path) -> None:
     assert (info.num_samples, info.input_shape, info.num_classes) == (6, (3, 4, 5), 4)
     assert info.class_names == ["cat", "dog", "eel", "fox"]
     assert npz_images_shape(path, "images", 10_000) == (6, (3, 4, 5))
+
+
+def test_prefer_wait_is_read_as_rfc_7240_says() -> None:
+    from deepscope.service.waiting import MAX_WAIT_S, preferred_wait
+
+    assert preferred_wait(None) == 0.0
+    assert preferred_wait("wait=30") == 30.0
+    assert preferred_wait("respond-async, wait=2.5") == 2.5
+    assert preferred_wait('Wait="7"; x=y') == 7.0
+    assert preferred_wait("wait=3600") == MAX_WAIT_S
+    for ignored in ("wait=soon", "wait=-1", "wait=nan", "return=minimal", ""):
+        assert preferred_wait(ignored) == 0.0, ignored

@@ -160,3 +160,66 @@ def test_the_cache_answers_the_moment_the_end_is_known(
             },
         ).json()
         assert again["cached"] is True and again["status"] == "succeeded", again
+
+
+def test_prefer_wait_submits_and_waits_in_one_request(
+    service: Service, alice: httpx.Client, model: dict[str, Any]
+) -> None:
+    body = {"model_id": model["id"], "analysis": "signal_space", "params": {"vectors": 51}}
+    # The answer comes when the job ended, with its result (the pictures drawn by then).
+    resp = alice.post("/v1/jobs", json=body, headers={"Prefer": "wait=40"}, timeout=60)
+    assert resp.status_code == 202, resp.text
+    assert resp.headers["Preference-Applied"] == "wait=40"
+    done = resp.json()
+    assert done["status"] == "succeeded", done
+    assert resp.headers["Location"] == f"/v1/jobs/{done['id']}"
+    pictures = [a["url"] for a in done["result"]["artifacts"] if a["url"].endswith(".png")]
+    assert any(url.endswith("/spectra.png") for url in pictures), pictures
+    for url in pictures:
+        art = alice.get(url)
+        assert art.status_code == 200 and art.content[:4] == b"\x89PNG", url
+
+    # Nothing runs: the answer comes after the wait asked for, with the job queued.
+    with paused_workers(service):
+        start = time.monotonic()
+        resp = alice.post(
+            "/v1/jobs",
+            json=body | {"params": {"vectors": 52, "images": False}},
+            headers={"Prefer": "respond-async, wait=1"},
+        )
+        waited = time.monotonic() - start
+        assert resp.status_code == 202 and resp.json()["status"] == "queued", resp.text
+        assert 0.9 <= waited < 3.0, waited
+        # A malformed preference is ignored (RFC 7240): answered at once.
+        start = time.monotonic()
+        resp = alice.post(
+            "/v1/jobs",
+            json=body | {"params": {"vectors": 53, "images": False}},
+            headers={"Prefer": "wait=soon"},
+        )
+        assert resp.json()["status"] == "queued" and "Preference-Applied" not in resp.headers
+        assert time.monotonic() - start < 1.0
+
+    # A result already known answers at once.
+    start = time.monotonic()
+    again = alice.post("/v1/jobs", json=body, headers={"Prefer": "wait=40"}).json()
+    assert again["cached"] is True and again["status"] == "succeeded", again
+    assert time.monotonic() - start < 1.0
+
+
+def test_the_sdk_submits_and_waits_in_one_request(service: Service, model: dict[str, Any]) -> None:
+    from deepscope.client import Client
+
+    sent: list[httpx.Request] = []
+
+    class Recording(httpx.HTTPTransport):
+        def handle_request(self, request: httpx.Request) -> httpx.Response:
+            sent.append(request)
+            return super().handle_request(request)
+
+    with Client(service.url, service.key_a, transport=Recording(), timeout=60) as ds:
+        job = ds.submit(model["id"], "signal_space", {"vectors": 54, "images": False}, wait=30)
+        done = ds.wait(job, progress=False)
+    assert job.status.value == "succeeded" and done.id == job.id
+    assert len(sent) == 1, [str(r.url) for r in sent]  # wait() had nothing to ask
+    assert sent[0].headers["Prefer"] == "wait=30"

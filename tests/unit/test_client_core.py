@@ -97,3 +97,14 @@ def test_max_increase() -> None:
     assert not fine.failures and any("fc2" in c for c in fine.checked)
     # A metric no layer has fails rather than passes.
     assert gate_increase([_comparison(1.0, 1.0)], "lost_fraction_max", 10).failures
+
+
+def test_submit_and_wait_in_one_request() -> None:
+    from deepscope.client import _core
+
+    request = _core.submit_request("m" * 32, "signal_space", wait=12.0)
+    assert request.headers["Prefer"] == "wait=12"
+    assert "Prefer" not in _core.submit_request("m" * 32, "signal_space").headers
+    # The hold stays under the client's read timeout, or the transport would give up first.
+    assert _core.held(30.0, 60.0) == 30.0 and _core.held(30.0, 20.0) == 15.0
+    assert _core.held(30.0, None) == 30.0

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from deepscope import render
 from deepscope.analyses.activation_maximization import (
     ActivationMaximizationMetrics,
     ActivationMaximizationParams,
@@ -45,8 +44,12 @@ def run(ctx: RunContext) -> ActivationMaximizationMetrics:
         f"{label(int(m['target']))} → {names[int(m['predicted_class'])]}" for m in result.metrics
     ]
     what = "class logit" if params.layer is None else f"channel of {params.layer}"
-    grid = render.image_grid(
-        list(to_numpy(result.images)),
+    ctx.draw(
+        "grid",
+        "activation_maximization",
+        "activation_maximization.png",
+        f"one image per {what}",
+        panels=list(to_numpy(result.images)),
         titles=titles,
         kind="image",
         # Pixel space, each image by its own range (printed under it): an optimized image
@@ -54,9 +57,6 @@ def run(ctx: RunContext) -> ActivationMaximizationMetrics:
         scale="panel",
         data_range=(0.0, 1.0),
         title=f"images maximizing each {what} (title: target → predicted class)",
-    )
-    ctx.add_grid(
-        "activation_maximization", grid, "activation_maximization.png", f"one image per {what}"
     )
     save_images(ctx, "activation_maximization", result.images, "optimized images, target order")
     return ActivationMaximizationMetrics.model_validate(

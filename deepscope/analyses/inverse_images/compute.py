@@ -6,7 +6,6 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from deepscope import render
 from deepscope.analyses.context import RunContext, to_numpy
 from deepscope.analyses.inverse_images import InverseImagesMetrics, InverseImagesParams
 from deepscope.analysis.inverse import (
@@ -69,8 +68,12 @@ def run(ctx: RunContext) -> InverseImagesMetrics:
     outside = [
         m for m in methods if float(pixels[m].min()) < -1e-6 or float(pixels[m].max()) > 1 + 1e-6
     ]
-    grid = render.image_grid(
-        list(stacked),
+    ctx.draw(
+        "grid",
+        "inverse_images",
+        "inverse_images.png",
+        "ideal inputs per class and method (the paper's Figure 3)",
+        panels=list(stacked),
         ncols=len(names),
         titles=names,
         row_labels=[f"{m} *" if m in outside else m for m in methods],
@@ -78,12 +81,6 @@ def run(ctx: RunContext) -> InverseImagesMetrics:
         scale="row",
         title="ideal input of each class (rows: method, columns: class)",
         note="* leaves the pixel range [0, 1]: shown on its own range" if outside else None,
-    )
-    ctx.add_grid(
-        "inverse_images",
-        grid,
-        "inverse_images.png",
-        "ideal inputs per class and method (the paper's Figure 3)",
     )
     ctx.add_arrays(
         "inverse_images_npz",

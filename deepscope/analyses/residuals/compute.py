@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from deepscope import render
 from deepscope.analyses.context import RunContext, safe_name, to_numpy
 from deepscope.analyses.residuals import ResidualsMetrics, ResidualsParams
 from deepscope.analysis.layers import LayerKind, WeightLayer, select_layers
@@ -75,8 +74,12 @@ def run(ctx: RunContext) -> ResidualsMetrics:
         # printed under it: the residual is far smaller than the input, and each class's
         # structure is what matters.
         b = x.shape[0]
-        grid = render.image_grid(
-            [*to_numpy(x), *to_numpy(kept), *to_numpy(lost)],
+        ctx.draw(
+            "grid",
+            "residuals",
+            f"residuals_{safe_name(first.name)}.png",
+            f"{first.name}: input, projection onto the row space, residual",
+            panels=[*to_numpy(x), *to_numpy(kept), *to_numpy(lost)],
             ncols=b,
             titles=input_names,
             row_labels=["input x", "kept P_row x", "lost x − P_row x"],
@@ -84,16 +87,14 @@ def run(ctx: RunContext) -> ResidualsMetrics:
             scale="panel",
             title=f"{first.name}: what the layer sees and what it cannot see",
         )
-        ctx.add_grid(
-            "residuals",
-            grid,
-            f"residuals_{safe_name(first.name)}.png",
-            f"{first.name}: input, projection onto the row space, residual",
-        )
         row = _own_row_residuals(layers[0], first.inputs, labels, ctx.input_shape, ds.num_classes)
         if row is not None:
-            grid = render.image_grid(
-                list(row),
+            ctx.draw(
+                "grid",
+                "row_residuals",
+                f"row_residuals_{safe_name(first.name)}.png",
+                "the paper's per-row residual, own class row",
+                panels=list(row),
                 titles=[
                     f"{n} − proj. on row {k}" for n, k in zip(input_names, labels, strict=True)
                 ],
@@ -101,23 +102,19 @@ def run(ctx: RunContext) -> ResidualsMetrics:
                 scale="panel",
                 title=f"{first.name}: per-row residual of each input against its class's row",
             )
-            ctx.add_grid(
-                "row_residuals",
-                grid,
-                f"row_residuals_{safe_name(first.name)}.png",
-                "the paper's per-row residual, own class row",
-            )
     curves: dict[str, list[float]] = {}
     for j, name in enumerate(input_names):
         curves.setdefault(name, [float(r.lost_fraction[j]) for r in results])
-    path = render.curves_plot(
-        [r.name for r in results],
-        curves,
-        ctx.out_dir / "lost_fraction_by_depth.png",
+    ctx.draw(
+        "curves",
+        "lost_fraction_by_depth",
+        "lost_fraction_by_depth.png",
+        "lost fraction per layer and input",
+        x_labels=[r.name for r in results],
+        curves=curves,
         title="share of each layer's input energy in its null space",
         ylabel="lost fraction ‖r‖² / ‖x‖²",
     )
-    ctx.add_file("lost_fraction_by_depth", path, "lost fraction per layer and input")
     return metrics
 
 

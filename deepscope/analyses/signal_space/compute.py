@@ -229,13 +229,15 @@ def _draw(
         for e in entries
     ]
     partial = any(not e.spectrum.complete for e in entries)
-    path = render.spectra_figure(
-        lines,
-        ctx.out_dir / "spectra.png",
+    ctx.draw(
+        "spectra",
+        "spectra",
+        "spectra.png",
+        "every layer's normalized spectrum and condition number",
+        layers=lines,
         title=f"signal spaces ({view.value} view)"
         + (" — partial spectra: largest and smallest only" if partial else ""),
     )
-    ctx.add_file("spectra", path, "every layer's normalized spectrum and condition number")
     first_name = ctx.loaded.layers[0].name
     num_classes = ctx.loaded.layers[-1].out_channels
     names = ctx.class_names(num_classes)
@@ -244,8 +246,12 @@ def _draw(
         first = layer.name == first_name
         vectors = _vector_images(layer, view, params.vectors, ctx.input_shape, first)
         if vectors is not None:
-            grid = render.image_grid(
-                list(vectors),
+            ctx.draw(
+                "grid",
+                f"singular_vectors_{stem}",
+                f"singular_vectors_{stem}.png",
+                f"σᵢ·vᵢ of {layer.name}",
+                panels=list(vectors),
                 ncols=min(len(vectors), 8),
                 titles=[f"σ{_sub(j + 1)}·v{_sub(j + 1)}" for j in range(len(vectors))],
                 kind="signed",
@@ -253,19 +259,17 @@ def _draw(
                 title=f"{layer.name}: top {len(vectors)} singular directions σᵢ·vᵢ "
                 f"({view.value} view)",
             )
-            ctx.add_grid(
-                f"singular_vectors_{stem}",
-                grid,
-                f"singular_vectors_{stem}.png",
-                f"σᵢ·vᵢ of {layer.name}",
-            )
         weights = _weight_images(layer, ctx.input_shape, first)
         if weights is not None:
             images, ncols = weights
             linear = layer.kind is LayerKind.LINEAR
             titles = names[: len(images)] if linear and layer.out_channels == num_classes else None
-            grid = render.image_grid(
-                list(images),
+            ctx.draw(
+                "grid",
+                f"weights_{stem}",
+                f"weights_{stem}.png",
+                f"weights of {layer.name}",
+                panels=list(images),
                 ncols=ncols,
                 titles=titles,
                 kind="signed",
@@ -273,7 +277,6 @@ def _draw(
                 title=f"{layer.name}: weights"
                 + ("" if linear else " (rows: output channel, columns: input channel)"),
             )
-            ctx.add_grid(f"weights_{stem}", grid, f"weights_{stem}.png", f"weights of {layer.name}")
         ctx.progress(0.5 + 0.45 * (i + 1) / len(layers), f"drawing: {layer.name}")
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Body, Query, Request, Response
+from fastapi import APIRouter, Body, Header, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from pydantic import ValidationError
 
@@ -40,7 +40,7 @@ from deepscope.service.listing import (
 from deepscope.service.routes.models import require_ready
 from deepscope.service.schemas import job_out
 from deepscope.service.typed import job_models
-from deepscope.service.waiting import MAX_WAIT_S
+from deepscope.service.waiting import MAX_WAIT_S, preferred_wait
 from deepscope.service.webhooks import allowed_callback
 from deepscope.store.lifecycle import JobConflictError
 from deepscope.store.records import JobRecord, ModelRecord, is_id
@@ -97,7 +97,19 @@ def build_router() -> APIRouter:
     router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
     async def submit_job(
-        body: JobIn, request: Request, tenant: Tenant, idempotency_key: IdempotencyKey = None
+        body: JobIn,
+        request: Request,
+        tenant: Tenant,
+        idempotency_key: IdempotencyKey = None,
+        prefer: Annotated[
+            str | None,
+            Header(
+                description="`wait=S` (RFC 7240): answer when the job ends or after S seconds "
+                f"(at most {MAX_WAIT_S:g}), whichever is first: submit and wait in one "
+                "request. The answer says `Preference-Applied: wait=S`; its status is the "
+                "job's then"
+            ),
+        ] = None,
     ) -> Response:
         # The Redis work in one thread-pool hop; the response is serialized on the event loop
         # (a plain-function route would cost a second hop for that). The JobOut is ours, so
@@ -115,6 +127,17 @@ def build_router() -> APIRouter:
             )
             if replayed:
                 headers[REPLAYED_HEADER] = "true"
+        wait = preferred_wait(prefer)
+        if wait > 0:
+            # Held here rather than answered and polled: the client learns of the end within
+            # a Redis round trip, with one request in all (a cached job answers at once).
+            job_id = out.id
+
+            async def read() -> JobOut:
+                return await run_in_threadpool(_get, job_id, tenant, state)
+
+            out = await state.job_waiter().wait(job_id, wait, read, out)
+            headers["Preference-Applied"] = f"wait={wait:g}"
         headers["Location"] = f"/v1/jobs/{out.id}"
         return Response(
             out.model_dump_json(by_alias=True),

@@ -6,7 +6,6 @@ import time
 
 import torch
 
-from deepscope import render
 from deepscope.analyses.context import RunContext, to_numpy
 from deepscope_tiny import WeightNormsMetrics, WeightNormsParams
 
@@ -30,11 +29,14 @@ def run(ctx: RunContext) -> WeightNormsMetrics:
         first.ndim == 2
         and first.shape[1] == first[0].numel() == torch.Size(ctx.input_shape).numel()
     ):
-        grid = render.image_grid(
-            list(to_numpy(first[:4].reshape(-1, *ctx.input_shape))),
+        ctx.draw(
+            "grid",
+            "first_rows",
+            "first_rows.png",
+            "the first layer's first rows",
+            panels=list(to_numpy(first[:4].reshape(-1, *ctx.input_shape))),
             kind="signed",
             title="first rows of the first layer",
         )
-        ctx.add_grid("first_rows", grid, "first_rows.png", "the first layer's first rows")
     ctx.progress(1.0, "done")
     return WeightNormsMetrics.model_validate({"layers": layers})
