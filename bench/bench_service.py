@@ -141,11 +141,11 @@ def _noop_latency(redis: Redis, repeats: int) -> list[float]:
     return out
 
 
-def _http_latency(client: Client, submit: Callable[[], str]) -> float:
+def _http_latency(client: Client, submit: Callable[[], dict[str, Any]]) -> float:
     """Submit over HTTP, poll GET /v1/jobs/{id} every 2 ms until it succeeded → seconds."""
     http = client._http
     start = time.perf_counter()
-    job_id = submit()
+    job_id = submit()["id"]
     while True:
         body = http.get(f"/v1/jobs/{job_id}").json()
         if body["status"] == "succeeded":
@@ -155,25 +155,20 @@ def _http_latency(client: Client, submit: Callable[[], str]) -> float:
         time.sleep(_POLL_S)
 
 
-def _http_wait_latency(client: Client, submit: Callable[..., str], prefer: bool = False) -> float:
+def _http_wait_latency(
+    client: Client, submit: Callable[..., dict[str, Any]], prefer: bool = False
+) -> float:
     """Submit over HTTP (``prefer``: with ``Prefer: wait=30``, the answer held until the job
     ends), then long-poll ``GET /v1/jobs/{id}?wait=30`` until it succeeded (the API answers
     when the job's end is published) → seconds."""
     http = client._http
     start = time.perf_counter()
-    job_id = submit(prefer)
-    while True:
-        if job_id in _ENDED:
-            return _ENDED.pop(job_id) - start
-        body = http.get(f"/v1/jobs/{job_id}", params={"wait": 30}).json()
-        if body["status"] == "succeeded":
-            return time.perf_counter() - start
+    body = submit(prefer)
+    while body["status"] != "succeeded":
         if body["status"] in ("failed", "canceled"):
             raise RuntimeError(body)
-
-
-#: Jobs whose submission was answered with their end (Prefer: wait) → when it was answered.
-_ENDED: dict[str, float] = {}
+        body = http.get(f"/v1/jobs/{body['id']}", params={"wait": 30}).json()
+    return time.perf_counter() - start
 
 
 def _cpu_s(pid: int | None = None) -> float:
@@ -375,26 +370,22 @@ def main() -> None:
 
                 def submit(
                     params: dict[str, Any], prefer: bool = False, analysis: str = "signal_space"
-                ) -> str:
+                ) -> dict[str, Any]:
+                    """POST /v1/jobs → the job as answered."""
                     body = {"model_id": model.id, "analysis": analysis, "params": params}
                     headers = {"Prefer": "wait=30"} if prefer else {}
                     resp = http.post("/v1/jobs", json=body, headers=headers)
-                    answered = time.perf_counter()
                     assert resp.status_code == 202, resp.text
-                    out = resp.json()
-                    if out["status"] == "succeeded":
-                        _ENDED[out["id"]] = answered
-                    elif out["status"] in ("failed", "canceled"):
-                        raise RuntimeError(out)
-                    return str(out["id"])
+                    answer: dict[str, Any] = resp.json()
+                    return answer
 
                 # Warm-up: the first forks, the first model load, the cache entry.
                 _noop_latency(redis, 3)
                 cached_params = {"vectors": 1, "images": False}
-                client.wait(submit(cached_params), progress=False)
+                client.wait(submit(cached_params)["id"], progress=False)
                 for i in range(3):
-                    client.wait(submit({"vectors": 200 + i, "images": False}), progress=False)
-                    client.wait(submit({"vectors": 220 + i}), progress=False)
+                    client.wait(submit({"vectors": 200 + i, "images": False})["id"], progress=False)
+                    client.wait(submit({"vectors": 220 + i})["id"], progress=False)
 
                 # Interleaved, so that a change in the machine's load hits floor and
                 # measurements alike.
@@ -407,9 +398,10 @@ def main() -> None:
                 polled_metrics: list[float] = []
                 polled_pictures: list[float] = []
 
-                def with_pictures(i: int, prefer: bool = False) -> str:
-                    pictures_ids.append(submit({"vectors": 100 + i}, prefer))
-                    return pictures_ids[-1]
+                def with_pictures(i: int, prefer: bool = False) -> dict[str, Any]:
+                    answer = submit({"vectors": 100 + i}, prefer)
+                    pictures_ids.append(answer["id"])
+                    return answer
 
                 for i in range(repeats):
                     floor += _noop_latency(redis, 1)
@@ -436,7 +428,7 @@ def main() -> None:
 
                 # The throughput's cached submission, computed first (its cache entry is
                 # written with its end, so a resubmission is answered from the cache).
-                client.wait(submit(rtol(-1), analysis="residuals"), progress=False)
+                client.wait(submit(rtol(-1), analysis="residuals")["id"], progress=False)
 
                 # Throughput: workers paused, so they do not compete for the CPU.
                 _signal(worker_pids, signal.SIGSTOP)

@@ -92,6 +92,9 @@ def _print_json(value: Any) -> None:
 JsonOption = Annotated[
     bool, typer.Option("--json", help="print the result as JSON on stdout (notes stay on stderr)")
 ]
+#: A listing's page options.
+CursorOption = Annotated[str | None, typer.Option(help="the page after a previous one")]
+AllPagesOption = Annotated[bool, typer.Option("--all", help="every page")]
 
 
 def _json_arg(text: str | None, what: str) -> dict[str, Any]:
@@ -602,7 +605,7 @@ def submit(
     uploaded (and validated) first; the same file again is the same model. Labels go on the
     uploaded model and on the job."""
     from deepscope.client import ModelStatus
-    from deepscope.client._core import LONG_POLL_S, PROGRESS_POLL_S
+    from deepscope.client._core import hold_for
 
     parsed = _json_arg(params, "--params")
     labels = _labels(label)
@@ -635,7 +638,7 @@ def submit(
         waiting = wait or out is not None or mlflow
         # Submit and wait in one request (the service holds it until the job ends, briefly
         # with a progress bar to draw); then wait sends nothing for a job that ended.
-        hold = min(PROGRESS_POLL_S if not quiet else LONG_POLL_S, timeout) if waiting else 0.0
+        hold = min(hold_for(progress=not quiet), timeout) if waiting else 0.0
         job = client.submit(
             model_id,
             analysis,
@@ -750,8 +753,8 @@ def list_jobs(
     model: Annotated[str | None, typer.Option(help="only jobs of this model id")] = None,
     label: LabelOption = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="jobs per page")] = 20,
-    cursor: Annotated[str | None, typer.Option(help="the page after a previous one")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every page")] = False,
+    cursor: CursorOption = None,
+    all_: AllPagesOption = False,
     as_json: JsonOption = False,
     url: UrlOption = None,
     key: KeyOption = None,
@@ -789,8 +792,8 @@ def list_models_command(
     status: Annotated[str | None, typer.Option(help="validating, ready or invalid")] = None,
     label: LabelOption = None,
     limit: Annotated[int, typer.Option(min=1, max=1000, help="models per page")] = 20,
-    cursor: Annotated[str | None, typer.Option(help="the page after a previous one")] = None,
-    all_: Annotated[bool, typer.Option("--all", help="every page")] = False,
+    cursor: CursorOption = None,
+    all_: AllPagesOption = False,
     as_json: JsonOption = False,
     url: UrlOption = None,
     key: KeyOption = None,

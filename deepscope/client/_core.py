@@ -586,11 +586,16 @@ class _Poll:
         self._failing_since = None
 
 
-#: How long one request of a wait asks the service to hold it (``GET /v1/jobs/{id}?wait=``):
-#: without a progress bar, long (one request per half minute, told at once when the job ends);
-#: with one, short enough for the bar to move.
+#: How long one request of a wait asks the service to hold it (``GET /v1/jobs/{id}?wait=``,
+#: ``Prefer: wait``): without a progress bar, long (one request per half minute, told at once
+#: when the job ends); with one, short enough for the bar to move.
 LONG_POLL_S = 30.0
 PROGRESS_POLL_S = 2.0
+
+
+def hold_for(progress: bool) -> float:
+    """The hold a wait asks for, with or without a progress bar to draw."""
+    return PROGRESS_POLL_S if progress else LONG_POLL_S
 
 
 def held(wait: float, http_timeout: float | None) -> float:
@@ -619,7 +624,7 @@ class JobWait(_Poll):
     ) -> None:
         super().__init__(timeout, poll, unreachable_s)
         self.job_id = ident(job)
-        self.asked = held(PROGRESS_POLL_S if progress else LONG_POLL_S, http_timeout)
+        self.asked = held(hold_for(progress), http_timeout)
         # A finished job as submit() returned it (a cache hit) needs no request; a listed one
         # lacks its result.
         self.known: JobOut | None = None

@@ -12,7 +12,7 @@ except :meth:`Grid.save`, :func:`spectra_figure` and :func:`curves_plot`.
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import numpy as np
 
@@ -54,7 +54,7 @@ __all__ = [
 
 Drawing = Literal["grid", "spectra", "curves"]
 #: The kinds of picture :func:`draw` makes.
-DRAWINGS: tuple[Drawing, ...] = ("grid", "spectra", "curves")
+DRAWINGS: tuple[str, ...] = get_args(Drawing)
 
 
 def draw(drawing: str, path: str | os.PathLike[str], /, **kwargs: Any) -> Path:
