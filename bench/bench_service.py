@@ -23,7 +23,9 @@ in the same run, on the same Redis, with the same worker processes:
 
 Targets: latency ≤ 2× the floor; throughput ≥ 0.7× the floor.
 
-Run: ``.venv/bin/python bench/bench_service.py`` (about a minute; loopback only).
+Run: ``.venv/bin/python bench/bench_service.py`` (about a minute; loopback only). ``--idle 0.5``
+measures each from a stack idle for half a second instead of back to back; ``--setting
+DEEPSCOPE_WORKER_HELPER=false`` (repeatable) runs the stack with another setting.
 """
 
 from __future__ import annotations
@@ -77,14 +79,16 @@ def _cmdline(pid: int) -> str:
 
 
 @contextmanager
-def stack(workers: int) -> Iterator[tuple[str, str, Redis, dict[int, str], str, Path]]:
+def stack(
+    workers: int, settings: dict[str, str] | None = None
+) -> Iterator[tuple[str, str, Redis, dict[int, str], str, Path]]:
     """``deepscope up --no-demo`` in a temporary data directory → (url, key, redis, its
     children's command lines by pid, the Redis URL, the data directory); stopped with Ctrl-C
     (SIGINT) at the end."""
     with tempfile.TemporaryDirectory(prefix="deepscope-bench-") as data:
         port = free_port()
         env = {k: v for k, v in os.environ.items() if not k.startswith("DEEPSCOPE_")}
-        env |= {"DEEPSCOPE_DATA_DIR": data, "OMP_NUM_THREADS": "1"}
+        env |= {"DEEPSCOPE_DATA_DIR": data, "OMP_NUM_THREADS": "1", **(settings or {})}
         cmd = [sys.executable, "-m", "deepscope", "up", "--no-demo", "--port", str(port)]
         cmd += ["--workers", str(workers), "--gpu-workers", "0"]
         proc = subprocess.Popen(
@@ -356,11 +360,27 @@ def main() -> None:
     parser.add_argument(
         "--api-workers", type=int, default=2, help="processes of the API and of the floor app"
     )
+    parser.add_argument(
+        "--setting",
+        action="append",
+        default=[],
+        metavar="DEEPSCOPE_NAME=VALUE",
+        help="a setting of the stack (repeatable), e.g. DEEPSCOPE_WORKER_HELPER=false",
+    )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="sleep before every measurement, floor included (measures from an idle stack; "
+        "default: back to back)",
+    )
     args = parser.parse_args()
     repeats = args.repeats
     with tempfile.TemporaryDirectory() as tmp:
         weights = train_fcnn1(Path(tmp))
-        with stack(args.workers) as (url, key, redis, children, redis_url, data_dir):
+        settings = dict(item.split("=", 1) for item in args.setting)
+        with stack(args.workers, settings) as (url, key, redis, children, redis_url, data_dir):
             print(f"deepscope up at {url}: {args.workers} cpu worker(s)")
             worker_pids = [p for p, cmd in children.items() if " worker " in cmd]
             with Client(url, key, timeout=60) as client:
@@ -398,28 +418,42 @@ def main() -> None:
                 polled_metrics: list[float] = []
                 polled_pictures: list[float] = []
 
+                def idle() -> None:
+                    """Before each measurement: ``--idle`` seconds of nothing."""
+                    if args.idle > 0:
+                        time.sleep(args.idle)
+
                 def with_pictures(i: int, prefer: bool = False) -> dict[str, Any]:
                     answer = submit({"vectors": 100 + i}, prefer)
                     pictures_ids.append(answer["id"])
                     return answer
 
                 for i in range(repeats):
+                    idle()
                     floor += _noop_latency(redis, 1)
+                    idle()
                     cached.append(
                         _http_wait_latency(client, partial(submit, cached_params), prefer=True)
                     )
                     fresh = {"vectors": 2 + i, "images": False}
+                    idle()
                     metrics_only.append(
                         _http_wait_latency(client, partial(submit, fresh), prefer=True)
                     )
+                    idle()
                     pictures.append(
                         _http_wait_latency(client, partial(with_pictures, i), prefer=True)
                     )
+                    idle()
                     floor += _noop_latency(redis, 1)
+                    idle()
                     long_polled.append(_http_wait_latency(client, partial(with_pictures, 80 + i)))
                     polled = {"vectors": 40 + i, "images": False}
+                    idle()
                     polled_metrics.append(_http_latency(client, partial(submit, polled)))
+                    idle()
                     polled_pictures.append(_http_latency(client, partial(with_pictures, 40 + i)))
+                    idle()
                     floor += _noop_latency(redis, 1)
                 compute = [
                     float(client.get_job(j).result.duration_s)  # type: ignore[union-attr,arg-type]

@@ -185,11 +185,11 @@ class Settings(BaseSettings):
         default=30.0, gt=0, description="how long a synchronous prediction may wait for a worker"
     )
     gpu_model_cache: int = Field(default=4, ge=0, description="models a GPU worker keeps loaded")
-    worker_painter: bool = Field(
+    worker_helper: bool = Field(
         default=True,
-        description="a CPU worker keeps a process that draws its jobs' pictures (a job's "
-        "freshly forked process would pay a page fault for every page drawing writes); off: "
-        "each job draws its own",
+        description="a CPU worker keeps a warm process that computes the analyses of models "
+        "without code for their jobs (a job's freshly forked process would pay a page fault "
+        "for every page it writes); off: each job computes in its own process",
     )
     cpu_model_cache_mb: int = Field(
         default=128,

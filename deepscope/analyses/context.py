@@ -7,7 +7,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
@@ -19,30 +19,10 @@ from deepscope.contract.result import Artifact
 from deepscope.models.datasets import Dataset
 from deepscope.models.loading import LoadedModel
 
-__all__ = ["LocalPainter", "Painter", "Progress", "RunContext", "safe_name", "to_numpy"]
+__all__ = ["Progress", "RunContext", "safe_name", "to_numpy"]
 
 #: ``progress(fraction in [0, 1], message)``; the worker turns it into job progress.
 Progress = Callable[[float, str], None]
-
-
-class Painter(Protocol):
-    """Who draws a run's pictures: :func:`deepscope.render.draw` here, or in another process."""
-
-    def draw(self, drawing: str, path: Path, kwargs: dict[str, Any]) -> None:
-        """Draw ``render.draw(drawing, path, **kwargs)``, now or later (before :meth:`finish`)."""
-
-    def finish(self, *, raise_errors: bool = True) -> None:
-        """Return once every picture is drawn; raise the first drawing's error."""
-
-
-class LocalPainter:
-    """Draws each picture at once, in this process."""
-
-    def draw(self, drawing: str, path: Path, kwargs: dict[str, Any]) -> None:
-        render.draw(drawing, path, **kwargs)
-
-    def finish(self, *, raise_errors: bool = True) -> None:
-        return None
 
 
 def to_numpy(t: Tensor) -> np.ndarray:
@@ -67,7 +47,6 @@ class RunContext:
     dataset: Dataset | None
     artifacts: list[Artifact] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)
-    painter: Painter = field(default_factory=LocalPainter)
 
     @property
     def input_shape(self) -> tuple[int, int, int]:
@@ -114,10 +93,6 @@ class RunContext:
         self, drawing: render.Drawing, name: str, filename: str, description: str, /, **kwargs: Any
     ) -> None:
         """The picture ``render.draw(drawing, out_dir / filename, **kwargs)`` as artifact
-        ``name``.
-
-        Drawn by the run's painter, maybe in another process, before the run's result is
-        written: do not modify the arrays in ``kwargs`` afterwards.
-        """
-        self.painter.draw(drawing, self.out_dir / filename, kwargs)
+        ``name``."""
+        render.draw(drawing, self.out_dir / filename, **kwargs)
         self.artifacts.append(Artifact(name=name, url=filename, description=description))

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from deepscope import __version__
-from deepscope.analyses.context import LocalPainter, Painter, Progress, RunContext
+from deepscope.analyses.context import Progress, RunContext
 from deepscope.analyses.registry import AnalysisParams, get_analysis, load_compute
 from deepscope.contract.result import ModelInfo, Result
 from deepscope.models.datasets import Dataset, load_dataset
@@ -40,11 +40,8 @@ def run_analysis(
     dataset: str | Dataset | None = None,
     device: str | None = None,
     progress: Progress | None = None,
-    painter: Painter | None = None,
 ) -> Result:
     """Run one registered analysis and write ``out_dir/result.json`` and its artifacts.
-
-    ``painter`` draws the pictures (default: here, as they come).
 
     Raises:
         UnknownAnalysisError: ``analysis`` is not registered.
@@ -63,15 +60,8 @@ def run_analysis(
         device=resolve_device(device),
         progress=progress or (lambda _f, _m: None),
         dataset=ds,
-        painter=painter or LocalPainter(),
     )
-    try:
-        metrics = compute(ctx)
-    except BaseException:
-        # Nothing is drawn into the run's directory once it has been given up.
-        ctx.painter.finish(raise_errors=False)
-        raise
-    ctx.painter.finish()  # every picture on disk before the result lists it
+    metrics = compute(ctx)
     if not isinstance(metrics, spec.metrics):
         raise TypeError(
             f"{spec.compute} returned {type(metrics).__name__}, not {spec.metrics.__name__}"

@@ -1,7 +1,7 @@
 """PNG artifacts, torch-free: grids and the spectra figure (numpy + Pillow), curves (matplotlib).
 
-:func:`draw` names each kind of picture, so that a drawing can be described as data and made
-by another process (a worker's painter) with the same result.
+:func:`draw` names each kind of picture, so that an analysis describes a drawing as data
+(:meth:`deepscope.analyses.context.RunContext.draw`).
 
 Grids colour each panel (or each row of comparable panels) by its own range, clip the few
 values far outside the bulk and mark them, and store their layout in the PNG, so that no

@@ -1,81 +1,89 @@
-"""The RQ job that runs one analysis: the model and dataset from storage, the analysis (the
-registry's compute entry, through :func:`run_analysis`) with progress in the RQ job's meta, the
-generated images predicted by the same model, the artifacts uploaded, the result stored and
-cached. User errors (a bad layer name, a dataset that does not fit) end the job ``failed`` with
-a readable ``error``; anything else is also re-raised so that RQ keeps the traceback."""
+"""The RQ job that runs one analysis: its records read, the run computed (by the worker's
+helper when it has one for this job, else here: :mod:`deepscope.workers.computing`) with
+progress in the RQ job's meta, the artifacts published, the result stored and cached. User
+errors (a bad layer name, a dataset that does not fit) end the job ``failed`` with a readable
+``error``; anything else is also re-raised so that RQ keeps the traceback."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import shutil
 import tempfile
 import uuid
-from collections.abc import Iterator
-from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
-from deepscope.analyses.registry import get_analysis, parse_params
-from deepscope.analyses.run import run_analysis, write_result
 from deepscope.catalog import BUILTIN_DATASETS
-from deepscope.contract.result import Artifact, GeneratedPrediction, GeneratedPredictions, Result
+from deepscope.contract.result import Artifact, Result
 from deepscope.contract.status import JobStatus
-from deepscope.models.datasets import Dataset, load_dataset
-from deepscope.models.loading import LoadedModel
 from deepscope.store import lifecycle
 from deepscope.store.backend import Backend
-from deepscope.store.records import JobRecord, ModelRecord
+from deepscope.store.records import DatasetRecord, JobRecord, ModelRecord
 from deepscope.store.storage import Storage, safe_relpath
-from deepscope.workers import model_cache, runtime
-from deepscope.workers.painter import RemotePainter
-from deepscope.workers.predict import predictions
+from deepscope.workers import runtime
+from deepscope.workers.computing import Run, compute
+from deepscope.workers.helper import collect
 
-__all__ = ["run_job"]
+__all__ = ["discard", "plan", "run_job"]
 
-#: Generated images a job predicts (the first ones), and the classes it keeps per image.
-_MAX_GENERATED_PREDICTIONS = 2048
-_GENERATED_TOP_K = 3
 #: What a job does first (its record says it from the start: no report needed).
 _LOADING = "loading the model"
 
 
-def _dataset(backend: Backend, job: JobRecord, stack: ExitStack) -> Dataset | None:
+def _dataset(backend: Backend, job: JobRecord) -> str | DatasetRecord | None:
+    """The job's dataset: a built-in's name, an uploaded dataset's record, or None."""
     name = job.dataset
-    if name is None:
-        return None
-    if name in BUILTIN_DATASETS:
-        return load_dataset(name, "train", fashion_mnist_dir=backend.settings.fashion_mnist_dir)
+    if name is None or name in BUILTIN_DATASETS:
+        return name
     rec = backend.records.get_dataset(name, job.tenant)
     if rec is None:
         raise ValueError(f"dataset {name} was deleted")
-    path = stack.enter_context(runtime.local_blob(backend.storage, rec.sha256, "dataset.npz"))
-    return dataclasses.replace(load_dataset(str(path), "train"), name=rec.name)
+    return rec
+
+
+def plan(backend: Backend, job: JobRecord, model: ModelRecord) -> Run:
+    """The run of ``job`` on ``model``, into a new directory of its own (:func:`discard` it
+    when it was not published).
+
+    Raises:
+        ValueError: the job's dataset was deleted.
+    """
+    return Run(
+        model=model,
+        dataset=_dataset(backend, job),
+        analysis=job.analysis,
+        params=job.params,
+        max_steps=backend.settings.max_steps,
+        out_dir=_run_dir(backend, job),
+        device=runtime.device(),
+    )
+
+
+def _run_dir(backend: Backend, job: JobRecord) -> Path:
+    """On local storage, a directory beside the job's artifact directory, renamed into place
+    when the run succeeded: nothing is copied, a reader never sees half a run, and a run given
+    up for dead cannot mix its files with its successor's. On any other storage, in a
+    temporary directory, uploaded file by file at the end."""
+    final = backend.storage.local_path(Storage.job_prefix("artifacts", job.tenant, job.id))
+    if final is None:
+        return Path(tempfile.mkdtemp(prefix="deepscope-job-")) / "out"
+    return final.with_name(f".{final.name}.run-{uuid.uuid4().hex}")
+
+
+def discard(backend: Backend, run: Run) -> None:
+    """Remove what is left of ``run``'s directory (nothing, once published)."""
+    local = backend.storage.local
+    shutil.rmtree(run.out_dir if local else run.out_dir.parent, ignore_errors=True)
 
 
 class _Output:
-    """Where a run writes its artifacts, and how they reach storage.
+    """Where a run writes its artifacts (:func:`plan`), and how they reach storage."""
 
-    On local storage the run writes into a directory of its own beside the job's artifact
-    directory, renamed into place when it succeeded: nothing is copied, a reader never sees
-    half a run, and a run given up for dead cannot mix its files with its successor's. On any
-    other storage it writes into a temporary directory, uploaded file by file at the end."""
-
-    def __init__(self, backend: Backend, job: JobRecord, stack: ExitStack) -> None:
+    def __init__(self, backend: Backend, job: JobRecord, run: Run) -> None:
         self.backend = backend
         self.job = job
-        final = backend.storage.local_path(Storage.job_prefix("artifacts", job.tenant, job.id))
-        self.final = final
-        if final is None:
-            tmp = stack.enter_context(tempfile.TemporaryDirectory(prefix="deepscope-job-"))
-            self.dir = Path(tmp) / "out"
-        else:
-            self.dir = final.with_name(f".{final.name}.run-{uuid.uuid4().hex}")
-            # Whatever happens to the run, its own directory does not outlive it (a published
-            # one has been renamed away by then).
-            stack.callback(shutil.rmtree, self.dir, ignore_errors=True)
+        self.dir = run.out_dir
+        self.final = backend.storage.local_path(Storage.job_prefix("artifacts", job.tenant, job.id))
 
     def publish(self, result: Result) -> Result:
         """Every artifact and ``result.json`` to storage; → the result listing ``result.json``."""
@@ -111,31 +119,22 @@ def run_job(job_id: str) -> dict[str, Any]:
     if job is None:
         return {"status": "skipped"}
     try:
-        with ExitStack() as stack:
-            output = _Output(backend, job, stack)
-            model = backend.records.get_model(job.model_id, job.tenant)
-            if model is None:
-                raise ValueError(f"model {job.model_id} was deleted")
-            device = runtime.device()
+        model = backend.records.get_model(job.model_id, job.tenant)
+        if model is None:
+            raise ValueError(f"model {job.model_id} was deleted")
+        # The worker may have planned the run and handed it to its helper already.
+        sent = runtime.config().helper_run
+        run = sent if sent is not None else plan(backend, job, model)
+        try:
+            output = _Output(backend, job, run)
             progress = runtime.ProgressReporter(backend, job_id, said=_LOADING)
-            conn = runtime.config().painter
-            painter = None if conn is None else RemotePainter(conn, runtime.config().painter_pid)
-            loaded = model_cache.load(backend, model, device)
-            dataset = _dataset(backend, job, stack)
-            params = parse_params(job.analysis, job.params, max_steps=backend.settings.max_steps)
-            out_dir = output.dir
-            result = run_analysis(
-                loaded,
-                job.analysis,
-                params,
-                out_dir,
-                dataset=dataset,
-                device=device,
-                progress=progress,
-                painter=painter,
-            )
-            result = _predict_generated(loaded, model, out_dir, result, device)
+            result = _in_helper(run, progress) if sent is not None else None
+            if result is None:
+                result = compute(backend, run, progress)
             result = output.publish(result)
+        finally:
+            # Whatever happened to the run, its directory does not outlive it.
+            discard(backend, run)
         done = runtime.succeed(backend, job, result)
         if done is None:
             return {"status": "superseded"}
@@ -151,74 +150,12 @@ def run_job(job_id: str) -> dict[str, Any]:
         backend.job_ended(job)
 
 
-def _generated_arrays(
-    out_dir: Path, result: Result, shape: tuple[int, int, int]
-) -> Iterator[tuple[str, str, np.ndarray]]:
-    """(artifact url, array name, (N, C, H, W) images) of every ``.npz`` artifact array that
-    holds float images of the model's input shape (generated inputs, in [0, 1] pixel space)."""
-    for artifact in result.artifacts:
-        if artifact.media_type != "application/x-npz":
-            continue
-        url = artifact.url
-        with np.load(out_dir / safe_relpath(url), allow_pickle=False) as data:
-            for key in data.files:
-                arr = np.asarray(data[key])
-                if arr.ndim == 3 and shape[0] == 1:
-                    arr = arr[:, None]
-                if arr.ndim == 4 and tuple(arr.shape[1:]) == shape and arr.dtype.kind == "f":
-                    yield url, key, arr
-
-
-def _predict_generated(
-    loaded: LoadedModel, model: ModelRecord, out_dir: Path, result: Result, device: str
-) -> Result:
-    """``result`` with ``predictions``: what the model says about each generated image.
-
-    The analyses that generate inputs (inverse images, input optimization) write them as
-    ``.npz`` artifacts; each image is clipped to [0, 1] (what a PNG of it holds, and what
-    ``POST /v1/models/{id}/predict`` accepts) and predicted by the same model, so the result
-    answers "does the model see its class in it?" and the user can check any other image
-    through the link. ``result.json`` is rewritten with them.
-    """
-    if not get_analysis(result.analysis).generates_images:
-        return result
-    entries: list[GeneratedPrediction] = []
-    warnings = list(result.warnings)
-    for url, key, arr in _generated_arrays(out_dir, result, loaded.input_shape):
-        room = _MAX_GENERATED_PREDICTIONS - len(entries)
-        if room <= 0:
-            warnings.append(
-                f"only the first {_MAX_GENERATED_PREDICTIONS} generated images were predicted"
-            )
-            break
-        images = np.clip(np.nan_to_num(arr[:room].astype(np.float32)), 0.0, 1.0)
-        for index, pred in enumerate(predictions(loaded, images, _GENERATED_TOP_K, device)):
-            best = pred["top_k"][0]
-            entries.append(
-                GeneratedPrediction.model_validate(
-                    {
-                        "artifact": url,
-                        "array": key,
-                        "index": index,
-                        "predicted_class": best["class"],
-                        "predicted_index": best["index"],
-                        "probability": best["probability"],
-                        "top_k": pred["top_k"],
-                    }
-                )
-            )
-    if not entries:
-        return result
-    result = result.model_copy(
-        update={
-            "warnings": warnings,
-            "predictions": GeneratedPredictions(
-                model_id=model.id,
-                url=f"/v1/models/{model.id}/predict",
-                input="each generated image clipped to [0, 1] pixel space",
-                images=entries,
-            ),
-        }
-    )
-    write_result(result, out_dir)
+def _in_helper(run: Run, progress: runtime.ProgressReporter) -> Result | None:
+    """The result of ``run``, which the worker handed to its helper; None when the helper
+    could not compute it (then this process does, from a clean directory)."""
+    conn = runtime.config().helper
+    assert conn is not None
+    result = collect(conn, progress, runtime.config().helper_pid)
+    if result is None:
+        shutil.rmtree(run.out_dir, ignore_errors=True)
     return result

@@ -20,7 +20,7 @@ from deepscope.manifest import Manifest, ModelFormat
 from deepscope.models.loading import LoadedModel, load_model
 from deepscope.store.backend import Backend
 from deepscope.store.records import ModelRecord
-from deepscope.workers.runtime import config, local_blob
+from deepscope.workers.runtime import config, local_blob, single_threaded
 
 __all__ = ["clear", "load", "prefetch"]
 
@@ -54,7 +54,8 @@ def prefetch(backend: Backend, model: ModelRecord | None) -> bool:
     ):
         return False
     try:
-        load(backend, model, "cpu")
+        with single_threaded():  # this process forks afterwards
+            load(backend, model, "cpu")
     except Exception as exc:  # the job's own process meets it again and says what it is
         log.info("model %s not loaded ahead of its job: %s", model.id, user_message(exc))
         return False

@@ -12,7 +12,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from redis import Redis
 from rq import get_current_job
@@ -28,6 +28,9 @@ from deepscope.store.queues import connect
 from deepscope.store.records import JobRecord
 from deepscope.store.storage import Storage
 
+if TYPE_CHECKING:  # (computing reads blobs through this module)
+    from deepscope.workers.computing import Run
+
 __all__ = [
     "JobCanceledError",
     "ProgressReporter",
@@ -39,6 +42,7 @@ __all__ = [
     "job_error",
     "local_blob",
     "settings",
+    "single_threaded",
     "storage",
     "succeed",
 ]
@@ -56,10 +60,12 @@ class Config:
     #: Loaded models kept in this process (count), and the bytes of their files at most.
     model_cache: int = 0
     model_cache_bytes: int | None = None
-    #: The running job's connection to the worker's painter (set by the worker before it
-    #: forks the job's process), and the painter's pid; None: the job draws its pictures.
-    painter: socket.socket | None = None
-    painter_pid: int | None = None
+    #: The running job's connection to the worker's helper, the helper's pid and the run
+    #: handed to it (set by the worker before it forks the job's process); None: the job
+    #: computes itself.
+    helper: socket.socket | None = None
+    helper_pid: int | None = None
+    helper_run: Run | None = None
 
 
 _CONFIG = Config()
@@ -81,6 +87,21 @@ def configure(
     _CONFIG.model_cache = model_cache
     _CONFIG.model_cache_bytes = model_cache_bytes
     cache.clear()
+
+
+@contextmanager
+def single_threaded() -> Iterator[None]:
+    """Torch on one thread in the block. A process that forks afterwards (a CPU worker) must
+    compute only so: GNU OpenMP does not survive a fork after it ran a parallel region (the
+    child hangs in its first one)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=1)

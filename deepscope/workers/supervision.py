@@ -30,6 +30,7 @@ import logging
 import os
 import resource
 import signal
+import socket
 import sys
 import threading
 import time
@@ -46,6 +47,7 @@ from rq.worker import SimpleWorker
 
 from deepscope.manifest import ModelFormat
 from deepscope.settings import Settings
+from deepscope.store.backend import Backend
 from deepscope.store.queues import PREDICT, RUN_JOB, VALIDATE_MODEL, connect
 from deepscope.store.records import ModelRecord, Records
 from deepscope.store.recovery import (
@@ -57,7 +59,9 @@ from deepscope.store.recovery import (
     requeue_interrupted,
 )
 from deepscope.workers import model_cache, runtime
-from deepscope.workers.painter import PainterProcess
+from deepscope.workers.analysis_job import discard, plan
+from deepscope.workers.computing import Run
+from deepscope.workers.helper import HelperProcess, start_run
 
 __all__ = [
     "CODE_FORMATS",
@@ -146,14 +150,14 @@ class ForkingWorker(Worker):
         self,
         *args: Any,
         settings: Settings | None = None,
-        painter: PainterProcess | None = None,
+        helper: HelperProcess | None = None,
         **kwargs: Any,
     ) -> None:
         kwargs.setdefault("job_monitoring_interval", _MONITOR_INTERVAL_S)
         kwargs.setdefault("maintenance_interval", _MAINTENANCE_INTERVAL_S)
         super().__init__(*args, **kwargs)
         self.deepscope_settings = settings if settings is not None else Settings()
-        self.painter = painter
+        self.helper = helper
         self._parent_pid = os.getpid()
         self._horse_death: tuple[int | None, Any] | None = None
         self._timed_out: set[str] = set()
@@ -184,38 +188,56 @@ class ForkingWorker(Worker):
     @contextlib.contextmanager
     def _helped(self, job: Job) -> Iterator[None]:
         """What this long-lived process does for the job's freshly forked one, which would pay
-        for every page it writes: an analysis's or prediction's model loaded here (and kept:
-        a job on a model used lately loads nothing), which it inherits; and for an analysis on
-        a model without code, a connection to the worker's painter, which draws its pictures."""
+        for every page it writes. An analysis on a model without code is planned here and
+        handed to the worker's helper, which computes it warm while the job's process starts
+        (:mod:`deepscope.workers.helper`); otherwise an analysis's or prediction's model is
+        loaded here (and kept: a job on a model used lately loads nothing), which the job's
+        process inherits."""
         if job.func_name not in (RUN_JOB, PREDICT):
             yield
             return
         config = runtime.config()
-        model = None
-        try:
-            backend = runtime.backend(self.connection)
-            model = job_model(backend.records, job)
-            if config.model_cache > 0:
-                model_cache.prefetch(backend, model)
-        except (RedisError, ValueError) as exc:
-            self.log.info("Worker %s: job %s: model not loaded ahead: %s", self.name, job.id, exc)
-        painter = self.painter
-        conn = None
-        if (
-            painter is not None
-            and job.func_name == RUN_JOB
-            and model is not None
-            and model.format not in CODE_FORMATS
-        ):
-            conn = painter.connect()
-        config.painter = conn
-        config.painter_pid = painter.pid if conn is not None and painter is not None else None
+        backend = runtime.backend(self.connection)
+        conn, run = self._hand_over(backend, job) if job.func_name == RUN_JOB else (None, None)
+        if conn is None and config.model_cache > 0:
+            try:
+                model_cache.prefetch(backend, job_model(backend.records, job))
+            except (RedisError, ValueError) as exc:
+                self.log.info("Worker %s: job %s: model not read ahead: %s", self.name, job.id, exc)
+        config.helper, config.helper_run = conn, run
+        config.helper_pid = self.helper.pid if conn is not None and self.helper else None
         try:
             yield
         finally:
-            config.painter, config.painter_pid = None, None
+            config.helper, config.helper_pid, config.helper_run = None, None, None
+            if conn is not None and self.helper is not None:
+                self.helper.release(conn)
+            if run is not None:
+                discard(backend, run)
+
+    def _hand_over(self, backend: Backend, job: Job) -> tuple[socket.socket | None, Run | None]:
+        """The analysis job planned and handed to the helper → (the job's connection to it,
+        the run); (None, None) when it stays with the job (no helper, a model with code, any
+        error: the job meets it again and reports it)."""
+        args = list(job.args or [])
+        if self.helper is None or not args or not isinstance(args[0], str):
+            return None, None
+        try:
+            rec = backend.records.get_job(args[0])
+            model = backend.records.get_model(rec.model_id) if rec is not None else None
+            if rec is None or model is None or model.format in CODE_FORMATS:
+                return None, None
+            run = plan(backend, rec, model)
+        except (RedisError, ValueError, OSError) as exc:
+            self.log.info("Worker %s: job %s: not handed to the helper: %s", self.name, job.id, exc)
+            return None, None
+        conn = self.helper.connect()
+        if conn is None or not start_run(conn, run):
             if conn is not None:
-                conn.close()
+                self.helper.release(conn)
+            discard(backend, run)
+            return None, None
+        return conn, run
 
     # --- stopping: warm (finish the job within the grace period, else queue it again), cold
 
@@ -381,9 +403,14 @@ class InProcessWorker(ForkingWorker):
             super().kill_horse(sig)
 
     def main_work_horse(self, job: Job, queue: Queue) -> None:
+        import torch
+
         from deepscope.workers import runtime
 
-        # A forked child must not touch a CUDA context it inherited.
+        # A forked child must not touch a CUDA context it inherited, nor GNU OpenMP's threads:
+        # this process may have computed on several (after which a forked child hangs in its
+        # first parallel region), so the child computes on one.
+        torch.set_num_threads(1)
         runtime.configure(device="cpu", model_cache=0)
         super().main_work_horse(job, queue)
 

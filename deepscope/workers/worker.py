@@ -4,9 +4,10 @@
   only take down that job. Torch, the analyses and the registry are imported *before* the
   first fork, so each horse starts warm; the parent warms up single-threaded only, because
   GNU OpenMP does not survive a fork after it ran a parallel region (the child hangs). A fresh
-  horse still pays a page fault for every page it writes, so the worker does two things for it
-  ahead: it loads the job's model itself, kept for later jobs (``model_cache.prefetch``), and
-  it keeps a painter process that draws the jobs' pictures (:mod:`deepscope.workers.painter`).
+  horse still pays a page fault for every page it writes, so the worker keeps a warm helper
+  process that computes the analyses of models without code for their horses
+  (:mod:`deepscope.workers.helper`); for other jobs it loads the model itself before it forks,
+  kept for later jobs (``model_cache.prefetch``).
 * GPU workers (any worker listening on ``gpu``) run jobs in-process (like RQ's
   ``SimpleWorker``): one long-lived process owns the device and keeps recently used models on
   it (LRU by sha256). The parent never touches CUDA before that; the device is chosen at job
@@ -36,7 +37,7 @@ from deepscope.store.queues import WORKER_TTL, QueueName, connect
 from deepscope.store.records import Records
 from deepscope.store.recovery import forget
 from deepscope.store.storage import Storage
-from deepscope.workers.painter import PainterProcess
+from deepscope.workers.helper import HelperProcess
 from deepscope.workers.supervision import ForkingWorker, InProcessWorker, Supervisor
 
 __all__ = ["WorkerKind", "parse_queues", "preload", "run_worker"]
@@ -75,10 +76,9 @@ def preload() -> list[str]:
     from deepscope.analyses.registry import list_analyses, load_compute
     from deepscope.models.datasets import load_dataset
     from deepscope.models.registry import get_model, list_models
+    from deepscope.workers import runtime
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
+    with runtime.single_threaded():
         names = list_models()
         # Lazy kernels and the built-in digits (cached) are paid once here, not per job.
         model = get_model("fcnn1", num_classes=10)
@@ -91,8 +91,6 @@ def preload() -> list[str]:
         render.warm_up()
         for spec in list_analyses():
             load_compute(spec)  # every analysis's worker side, imported once before forking
-    finally:
-        torch.set_num_threads(threads)
     return names
 
 
@@ -127,7 +125,7 @@ def run_worker(
     # (reading the environment into Settings costs each forked job several milliseconds).
     runtime.settings()
     runtime.storage(settings.storage_location)
-    painter: PainterProcess | None = None
+    helper: HelperProcess | None = None
     if kind is WorkerKind.SIMPLE:
         runtime.configure(device="auto", model_cache=settings.gpu_model_cache)
         worker_class: type[ForkingWorker] = InProcessWorker
@@ -143,10 +141,10 @@ def run_worker(
         # included); frozen objects are never visited.
         gc.collect()
         gc.freeze()
-        if settings.worker_painter:
-            # Forked now, warm and before any thread starts (see workers/painter.py).
-            painter = PainterProcess(settings.job_memory_bytes())
-            painter.start()
+        if settings.worker_helper:
+            # Forked now, warm and before any thread starts (see workers/helper.py).
+            helper = HelperProcess(settings)
+            helper.start()
     worked = False
     supervisor: Supervisor | None = None
     base_name = name
@@ -159,7 +157,7 @@ def run_worker(
                 worker_ttl=WORKER_TTL,
                 name=name,
                 settings=settings,
-                painter=painter,
+                helper=helper,
             )
             if supervisor is None:
                 supervisor = Supervisor(settings, worker.name)
@@ -193,6 +191,6 @@ def run_worker(
     finally:
         if supervisor is not None:
             supervisor.stop()
-        if painter is not None:
-            painter.stop()
+        if helper is not None:
+            helper.stop()
     return worked

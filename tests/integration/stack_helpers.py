@@ -102,8 +102,8 @@ def torchscript_bytes(module: torch.nn.Module) -> bytes:
 
 
 def job_processes(worker: int) -> list[int]:
-    """A worker's job processes: its children but its painter."""
-    from deepscope.workers.painter import PROCESS_NAME
+    """A worker's job processes: its children but its helper."""
+    from deepscope.workers.helper import PROCESS_NAME
 
     def name(pid: int) -> str:
         try:

@@ -672,23 +672,23 @@ def test_readyz_and_metrics(alice: httpx.Client) -> None:
     assert 'deepscope_workers{queue="cpu"} 2.0' in text
 
 
-def test_the_forking_workers_painter_draws_its_jobs_pictures(
+def test_the_forking_workers_helper_computes_its_jobs(
     service: Service, alice: httpx.Client, model: dict[str, Any]
 ) -> None:
     from rq.job import Job
     from rq.serializers import JSONSerializer
 
     fork = service.workers[0]
-    painters = [p for p in children(fork.pid) if p not in job_processes(fork.pid)]
-    assert len(painters) == 1, children(fork.pid)
-    painter = painters[0]
+    helpers = [p for p in children(fork.pid) if p not in job_processes(fork.pid)]
+    assert len(helpers) == 1, children(fork.pid)
+    helper = helpers[0]
 
     def written() -> int:
-        io = Path(f"/proc/{painter}/io").read_text()
+        io = Path(f"/proc/{helper}/io").read_text()
         return int(next(line for line in io.splitlines() if line.startswith("wchar:")).split()[1])
 
     def on_the_forking_worker(params: dict[str, Any]) -> tuple[dict[str, Any], int]:
-        """(A job run by the forking worker, what its painter wrote meanwhile.) The two
+        """(A job run by the forking worker, what its helper wrote meanwhile.) The two
         workers take turns: a few tries find it."""
         for n in range(8):
             before = written()
@@ -703,13 +703,10 @@ def test_the_forking_workers_painter_draws_its_jobs_pictures(
                 return done, written() - before
         raise AssertionError("no job ran on the forking worker")
 
-    _done, drew = on_the_forking_worker({"vectors": 120, "images": False})
-    assert drew == 0  # no pictures, nothing drawn
-    done, drew = on_the_forking_worker({"vectors": 140})
-    sizes = [
-        len(alice.get(a["url"]).content)
-        for a in done["result"]["artifacts"]
-        if a["url"].endswith(".png")
-    ]
-    assert len(sizes) == 3, done["result"]["artifacts"]  # spectra, σᵢ·vᵢ, weights
-    assert drew >= sum(sizes)  # the painter wrote them (and its answers to the job)
+    for params, pictures in (({"vectors": 120, "images": False}, 0), ({"vectors": 140}, 3)):
+        done, wrote = on_the_forking_worker(params)
+        artifacts = done["result"]["artifacts"]
+        assert sum(a["url"].endswith(".png") for a in artifacts) == pictures, artifacts
+        sizes = [len(alice.get(a["url"]).content) for a in artifacts]
+        assert wrote >= sum(sizes)  # the helper wrote them all (and its answers to the job)
+        assert helper in children(fork.pid)  # and serves on
