@@ -78,9 +78,14 @@ WORKERS_KEY = "ds:workers"
 REAPER_LOCK_KEY = "ds:reaper"
 #: Heartbeats older than this are dropped from the hash (workers long gone).
 _PRUNE_AFTER_S = 24 * 3600
-#: What RQ writes when a job's process died without reporting (fork worker) or when its
-#: registry entry expired (the whole worker died).
-_CRASH_MARKERS = ("terminated unexpectedly", "AbandonedJobError")
+#: What RQ writes when a job's process died without reporting (fork worker), when its registry
+#: entry expired (the whole worker died), or when the worker died as it took the job, before
+#: starting it (RQ fails a job left in its intermediate queue).
+_CRASH_MARKERS = (
+    "terminated unexpectedly",
+    "AbandonedJobError",
+    "stuck in intermediate queue",
+)
 
 
 def server_time(redis: Redis) -> float:

@@ -142,6 +142,16 @@ def test_rq_failures_read_as_errors() -> None:
     assert (other.type, other.message) == ("RuntimeError", "CUDA out of memory")
 
 
+def test_a_run_whose_process_died_is_a_crash() -> None:
+    from deepscope.store.recovery import is_crash
+
+    # (retried like a worker's death, not failed as the job's own error)
+    assert is_crash("Work-horse terminated unexpectedly; waitpid returned 9 (signal 9);")
+    assert is_crash("Job was stuck in intermediate queue.")  # its worker died as it took it
+    assert not is_crash("RuntimeError: CUDA out of memory")
+    assert not is_crash(None)
+
+
 def test_npz_header_limits_stop_a_zip_bomb_before_loading(tmp_path: Path) -> None:
     path = tmp_path / "bomb.npz"
     np.savez_compressed(path, images=np.zeros((4000, 1, 100, 100), np.uint8), labels=np.zeros(4000))
