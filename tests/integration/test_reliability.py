@@ -950,6 +950,20 @@ def _succeeded_runs(redis: Redis, job_id: str) -> int:
     return count
 
 
+def _all_jobs(client: httpx.Client) -> dict[str, dict[str, Any]]:
+    """Every job of the client's tenant, page by page, by id."""
+    jobs: dict[str, dict[str, Any]] = {}
+    params: dict[str, Any] = {"limit": 1000}
+    while True:
+        listing = client.get("/v1/jobs", params=params)
+        assert listing.status_code == 200, listing.text
+        page = listing.json()
+        jobs |= {j["id"]: j for j in page["jobs"]}
+        if page["next_cursor"] is None:
+            return jobs
+        params["cursor"] = page["next_cursor"]
+
+
 def test_chaos_under_up(tmp_path: Path, weights: Path) -> None:
     """8 clients for 5 minutes (DEEPSCOPE_CHAOS_S) under `deepscope up`, a random worker, the
     API or redis-server SIGKILLed every 20 s: every job is settled, none is lost, none
@@ -1044,9 +1058,7 @@ def test_chaos_under_up(tmp_path: Path, weights: Path) -> None:
             _ready_workers(client, 2)
             deadline = time.monotonic() + 600
             while True:
-                listing = client.get("/v1/jobs", params={"limit": 1000})
-                assert listing.status_code == 200, listing.text
-                jobs = {j["id"]: j for j in listing.json()["jobs"]}
+                jobs = _all_jobs(client)
                 open_jobs = [j for j in jobs.values() if j["status"] not in FINAL]
                 if not open_jobs:
                     break
