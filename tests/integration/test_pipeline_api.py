@@ -351,7 +351,8 @@ def test_pagination_walks_every_item_once_with_filters_before_the_limit(
     assert walked == mine[::-1]  # newest first, each once
     # The status filter applies before the limit too (live status).
     for job_id in mine:
-        wait_job(alice, job_id)
+        ended = wait_job(alice, job_id)
+        assert ended["status"] == "succeeded", ended
     done = _walk(alice, "/v1/jobs", "jobs", label=f"run={run}", status="succeeded", limit=5)
     assert sorted(j["id"] for p in done for j in p) == sorted(mine)
     assert all(j["status"] == "succeeded" for p in done for j in p)
