@@ -122,7 +122,8 @@ def run_job(job_id: str) -> dict[str, Any]:
         model = backend.records.get_model(job.model_id, job.tenant)
         if model is None:
             raise ValueError(f"model {job.model_id} was deleted")
-        # The worker may have planned the run and handed it to its helper already.
+        # The worker may have planned the run and handed it to its helper already; then it
+        # also removes what is left of it, once this process has ended.
         sent = runtime.config().helper_run
         run = sent if sent is not None else plan(backend, job, model)
         try:
@@ -133,8 +134,8 @@ def run_job(job_id: str) -> dict[str, Any]:
                 result = compute(backend, run, progress)
             result = output.publish(result)
         finally:
-            # Whatever happened to the run, its directory does not outlive it.
-            discard(backend, run)
+            if sent is None:
+                discard(backend, run)  # whatever happened to the run, its directory goes
         done = runtime.succeed(backend, job, result)
         if done is None:
             return {"status": "superseded"}
@@ -153,9 +154,9 @@ def run_job(job_id: str) -> dict[str, Any]:
 def _in_helper(run: Run, progress: runtime.ProgressReporter) -> Result | None:
     """The result of ``run``, which the worker handed to its helper; None when the helper
     could not compute it (then this process does, from a clean directory)."""
-    conn = runtime.config().helper
-    assert conn is not None
-    result = collect(conn, progress, runtime.config().helper_pid)
+    config = runtime.config()
+    assert config.helper is not None  # (set with helper_run)
+    result = collect(config.helper, progress, config.helper_pid)
     if result is None:
         shutil.rmtree(run.out_dir, ignore_errors=True)
     return result

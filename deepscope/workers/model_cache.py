@@ -1,10 +1,11 @@
 """Uploaded models loaded for jobs, from storage, and kept per device in long-lived workers.
 
-A GPU worker runs its jobs in its own process and keeps the models they load. A CPU worker
-forks a process per job; it loads a job's model itself just before (:func:`prefetch`), so the
-job's process inherits it loaded, and keeps it for the next job on that model. Only validated
-safetensors models are loaded there: parsing one runs no code, and its tensors take what the
-file takes (a budget in file bytes bounds the worker's memory)."""
+A GPU worker runs its jobs in its own process and keeps the models they load; so does a CPU
+worker's helper, which computes its analyses (:mod:`deepscope.workers.helper`). For the jobs
+it does not hand to its helper, a CPU worker loads the model itself just before it forks the
+job's process (:func:`prefetch`), which inherits it loaded, and keeps it for the next job on
+that model. Only validated safetensors models are loaded ahead: parsing one runs no code, and
+its tensors take what the file takes (a budget in file bytes bounds what a process keeps)."""
 
 from __future__ import annotations
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Body, Header, Query, Request, Response
@@ -131,12 +132,8 @@ def build_router() -> APIRouter:
         if wait > 0:
             # Held here rather than answered and polled: the client learns of the end within
             # a Redis round trip, with one request in all (a cached job answers at once).
-            job_id = out.id
-
-            async def read() -> JobOut:
-                return await run_in_threadpool(_get, job_id, tenant, state)
-
-            out = await state.job_waiter().wait(job_id, wait, read, out)
+            read = _reader(out.id, tenant, state)
+            out = await state.job_waiter().wait(out.id, wait, read, out)
             headers["Preference-Applied"] = f"wait={wait:g}"
         headers["Location"] = f"/v1/jobs/{out.id}"
         return Response(
@@ -210,9 +207,7 @@ def build_router() -> APIRouter:
             ),
         ] = 0.0,
     ) -> JobOut:
-        async def read() -> JobOut:
-            return await run_in_threadpool(_get, job_id, tenant, state)
-
+        read = _reader(job_id, tenant, state)
         if wait <= 0:
             return await read()
         return await state.job_waiter().wait(job_id, wait, read)
@@ -293,6 +288,15 @@ def _submit(body: JobIn, tenant: str, state: ServiceState) -> JobOut:
     rec = submitted.record
     state.metrics.submitted(rec.analysis, rec.cached)
     return job_out(rec, submitted.result)
+
+
+def _reader(job_id: str, tenant: str, state: ServiceState) -> Callable[[], Awaitable[JobOut]]:
+    """Reads the tenant's job (:func:`_get`, off the event loop) each time it is awaited."""
+
+    async def read() -> JobOut:
+        return await run_in_threadpool(_get, job_id, tenant, state)
+
+    return read
 
 
 def _get(job_id: str, tenant: str, state: ServiceState) -> JobOut:
